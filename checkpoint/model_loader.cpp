@@ -1,0 +1,50 @@
+// Hugging Face folder -> CausalLM (see model_loader.h).
+#include "checkpoint/model_loader.h"
+
+#include <ATen/ATen.h>
+#include <spdlog/spdlog.h>
+
+#include <set>
+
+#include "checkpoint/hf_config.h"
+#include "checkpoint/safetensors.h"
+#include "kernels/check.h"
+
+namespace mole::ckpt {
+
+std::unique_ptr<moe::CausalLM> load_model(const std::string& dir, const at::TensorOptions& options) {
+  moe::ModelConfig config = load_hf_config(dir);
+  st::CheckpointReader reader(dir);
+  auto model = std::make_unique<moe::CausalLM>(config, options);
+
+  at::NoGradGuard no_grad;
+  std::set<std::string> used;
+  model->for_each_base_parameter([&](const std::string& name, at::Tensor& param) {
+    MOLE_CHECK(reader.contains(name), "model folder '", dir, "' has no tensor '", name,
+               "' (expected shape ", param.sizes(), " for model_type ", config.model_type, ")");
+    at::Tensor src = reader.tensor(name);
+    MOLE_CHECK(src.sizes() == param.sizes(), "tensor '", name, "' in '", dir, "' has shape ",
+               src.sizes(), " but the config implies ", param.sizes());
+    MOLE_CHECK(at::isFloatingType(src.scalar_type()), "tensor '", name, "' in '", dir,
+               "' has dtype ", src.scalar_type(), "; expected a floating-point weight");
+    param = src.to(options, /*non_blocking=*/false, /*copy=*/true);
+    used.insert(name);
+  });
+
+  std::vector<std::string> unused;
+  for (const std::string& name : reader.names()) {
+    if (!used.count(name) && !(config.tie_word_embeddings && name == "lm_head.weight")) {
+      unused.push_back(name);
+    }
+  }
+  if (!unused.empty()) {
+    spdlog::warn("{} tensor(s) in '{}' are not used by the model, e.g. '{}'", unused.size(), dir,
+                 unused.front());
+  }
+  spdlog::info("loaded {} ({} layers, hidden {}, {} heads / {} kv heads, vocab {}) from {}",
+               config.model_type, config.num_layers, config.hidden_size, config.num_heads,
+               config.num_kv_heads, config.vocab_size, dir);
+  return model;
+}
+
+}  // namespace mole::ckpt

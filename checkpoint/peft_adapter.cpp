@@ -1,0 +1,167 @@
+// PEFT LoRA adapter import (see peft_adapter.h).
+#include "checkpoint/peft_adapter.h"
+
+#include <ATen/ATen.h>
+#include <spdlog/spdlog.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <regex>
+
+#include "checkpoint/safetensors.h"
+#include "kernels/check.h"
+
+namespace mole::ckpt {
+namespace {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+json read_json(const std::string& file) {
+  std::ifstream in(file);
+  MOLE_CHECK(in.good(), "cannot open '", file, "'");
+  try {
+    return json::parse(std::string(std::istreambuf_iterator<char>(in), {}));
+  } catch (const json::exception& e) {
+    MOLE_FAIL(file, ": not valid JSON (", e.what(), ")");
+  }
+}
+
+bool is_unset(const json& root, const std::string& key) {
+  if (!root.contains(key) || root[key].is_null()) return true;
+  const json& v = root[key];
+  return (v.is_boolean() && !v.get<bool>()) || (v.is_array() && v.empty()) ||
+         (v.is_object() && v.empty());
+}
+
+template <typename T>
+T get(const json& root, const std::string& key, const T& fallback, const std::string& file) {
+  if (!root.contains(key) || root[key].is_null()) return fallback;
+  try {
+    return root[key].get<T>();
+  } catch (const json::exception&) {
+    MOLE_FAIL(file, ": field '", key, "' has the wrong type: ", root[key].dump());
+  }
+}
+
+// PEFT matches pattern keys against the module name as `(.*\.)?(pattern)$`.
+bool pattern_matches(const std::string& pattern, const std::string& module) {
+  return std::regex_match(module, std::regex("(.*\\.)?(" + pattern + ")"));
+}
+
+struct ParsedKey {
+  int64_t layer = -1;
+  std::string linear;  // e.g. self_attn.q_proj
+  char which = 0;      // 'A' or 'B'
+};
+
+// "base_model.model.model.layers.3.mlp.up_proj.lora_A.weight" (optionally with the adapter
+// name, "lora_A.default.weight") -> {3, "mlp.up_proj", 'A'}.
+bool parse_key(const std::string& key, ParsedKey& out) {
+  static const std::regex pattern(
+      R"(^(?:base_model\.model\.)?model\.layers\.(\d+)\.((?:self_attn|mlp)\.[a-z_]+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$)");
+  std::smatch m;
+  if (!std::regex_match(key, m, pattern)) return false;
+  out.layer = std::stoll(m[1].str());
+  out.linear = m[2].str();
+  out.which = m[3].str()[0];
+  return true;
+}
+
+}  // namespace
+
+PeftLoraConfig load_peft_config(const std::string& adapter_dir) {
+  const std::string file = adapter_dir + "/adapter_config.json";
+  json root = read_json(file);
+  MOLE_CHECK(root.is_object(), file, ": expected a JSON object");
+  const std::string peft_type = get<std::string>(root, "peft_type", "", file);
+  MOLE_CHECK(peft_type == "LORA", file, ": peft_type '", peft_type,
+             "' is not a plain LoRA adapter (supported here: LORA)");
+  MOLE_CHECK(!get<bool>(root, "use_dora", false, file), file,
+             ": use_dora=true (DoRA) adapters are not supported yet");
+  MOLE_CHECK(get<std::string>(root, "bias", "none", file) == "none", file, ": bias='",
+             get<std::string>(root, "bias", "none", file), "' is not supported (only 'none')");
+  MOLE_CHECK(!get<bool>(root, "fan_in_fan_out", false, file), file,
+             ": fan_in_fan_out=true (Conv1D models) is not supported");
+  MOLE_CHECK(is_unset(root, "modules_to_save"), file,
+             ": modules_to_save is not supported (the adapter trains full modules)");
+
+  PeftLoraConfig c;
+  c.r = get<int64_t>(root, "r", 8, file);
+  c.alpha = get<double>(root, "lora_alpha", 8.0, file);
+  c.dropout = get<double>(root, "lora_dropout", 0.0, file);
+  c.rslora = get<bool>(root, "use_rslora", false, file);
+  MOLE_CHECK(c.r > 0, file, ": r must be positive, got ", c.r);
+  if (root.contains("target_modules") && root["target_modules"].is_string()) {
+    c.target_modules = {root["target_modules"].get<std::string>()};
+    c.target_is_regex = true;
+  } else {
+    c.target_modules = get<std::vector<std::string>>(root, "target_modules", {}, file);
+  }
+  for (const auto& [key, value] : get<std::map<std::string, int64_t>>(root, "rank_pattern", {}, file)) {
+    c.rank_pattern.emplace_back(key, value);
+  }
+  for (const auto& [key, value] : get<std::map<std::string, double>>(root, "alpha_pattern", {}, file)) {
+    c.alpha_pattern.emplace_back(key, value);
+  }
+  return c;
+}
+
+int64_t load_peft_adapter(moe::CausalLM& model, const std::string& adapter_dir) {
+  PeftLoraConfig config = load_peft_config(adapter_dir);
+  const std::string weights_file = adapter_dir + "/adapter_model.safetensors";
+  if (!fs::exists(weights_file)) {
+    MOLE_CHECK(!fs::exists(adapter_dir + "/adapter_model.bin"), adapter_dir,
+               ": only adapter_model.bin (a pickle) was found; convert it to safetensors "
+               "(e.g. with safetensors.torch.save_file) and try again");
+    MOLE_FAIL(adapter_dir, ": adapter_model.safetensors not found");
+  }
+  st::SafetensorsFile weights(weights_file);
+
+  // Pair the A and B of each (layer, linear).
+  std::map<std::pair<int64_t, std::string>, std::pair<std::string, std::string>> pairs;
+  for (const std::string& key : weights.names()) {
+    ParsedKey parsed;
+    MOLE_CHECK(parse_key(key, parsed), weights_file, ": tensor '", key,
+               "' is not a LoRA weight of a decoder-layer linear (expected e.g. "
+               "'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight')");
+    MOLE_CHECK(parsed.layer < model.num_layers(), weights_file, ": tensor '", key,
+               "' names layer ", parsed.layer, " but the model has ", model.num_layers());
+    auto& slot = pairs[{parsed.layer, parsed.linear}];
+    (parsed.which == 'A' ? slot.first : slot.second) = key;
+  }
+
+  at::NoGradGuard no_grad;
+  for (const auto& [where, keys] : pairs) {
+    const auto& [layer_index, linear_name] = where;
+    const std::string module =
+        "model.layers." + std::to_string(layer_index) + "." + linear_name;
+    MOLE_CHECK(!keys.first.empty() && !keys.second.empty(), weights_file, ": ", module,
+               " has only one of lora_A / lora_B");
+    at::Tensor a = weights.tensor(keys.first);
+    at::Tensor b = weights.tensor(keys.second);
+    int64_t r = config.r;
+    double alpha = config.alpha;
+    for (const auto& [pattern, value] : config.rank_pattern) {
+      if (pattern_matches(pattern, module)) r = value;
+    }
+    for (const auto& [pattern, value] : config.alpha_pattern) {
+      if (pattern_matches(pattern, module)) alpha = value;
+    }
+    MOLE_CHECK(a.dim() == 2 && a.size(0) == r, weights_file, ": tensor '", keys.first,
+               "' has shape ", a.sizes(), " but adapter_config.json implies rank ", r);
+    moe::LoraOptions options{r, alpha, config.rslora, config.dropout};
+    model.layer(layer_index)
+        .linear(linear_name)
+        .set_lora(a, b, options.scale(), config.dropout, weights_file + ": " + module);
+  }
+  spdlog::info("loaded PEFT LoRA adapter from {}: {} linears, r={}, alpha={}{}", adapter_dir,
+               pairs.size(), config.r, config.alpha, config.rslora ? ", rsLoRA" : "");
+  return static_cast<int64_t>(pairs.size());
+}
+
+}  // namespace mole::ckpt

@@ -1,0 +1,224 @@
+// The LLaMA-family decoder (see llama.h).
+#include "moe/llama.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/Reduction.h>
+
+#include <cmath>
+#include <optional>
+
+#include "kernels/check.h"
+#include "kernels/torch_compat.h"
+
+namespace mole::moe {
+
+at::Tensor RmsNorm::forward(const at::Tensor& x) const {
+  at::Tensor x32 = x.to(at::kFloat);
+  at::Tensor variance = x32.pow(2).mean(-1, /*keepdim=*/true);
+  at::Tensor normed = (x32 * at::rsqrt(variance + eps_)).to(x.scalar_type());
+  return weight_D_ * normed;
+}
+
+const LoraLinear& DecoderLayer::linear(const std::string& name) const {
+  return const_cast<DecoderLayer*>(this)->linear(name);
+}
+
+LoraLinear& DecoderLayer::linear(const std::string& name) {
+  if (name == "self_attn.q_proj") return q_proj;
+  if (name == "self_attn.k_proj") return k_proj;
+  if (name == "self_attn.v_proj") return v_proj;
+  if (name == "self_attn.o_proj") return o_proj;
+  if (name == "mlp.gate_proj") return gate_proj;
+  if (name == "mlp.up_proj") return up_proj;
+  if (name == "mlp.down_proj") return down_proj;
+  MOLE_FAIL("unknown linear '", name, "' in a decoder layer (known: self_attn.{q,k,v,o}_proj, ",
+            "mlp.{gate,up,down}_proj)");
+}
+
+namespace {
+
+LoraLinear make_linear(int64_t out, int64_t in, bool bias, const at::TensorOptions& options) {
+  return LoraLinear(at::empty({out, in}, options), bias ? at::empty({out}, options) : at::Tensor());
+}
+
+std::string short_name(const std::string& linear_name) {
+  return linear_name.substr(linear_name.find('.') + 1);
+}
+
+}  // namespace
+
+CausalLM::CausalLM(ModelConfig config, const at::TensorOptions& options)
+    : config_(std::move(config)), options_(options) {
+  config_.validate();
+  const ModelConfig& c = config_;
+  const int64_t q_dim = c.num_heads * c.head_dim;
+  const int64_t kv_dim = c.num_kv_heads * c.head_dim;
+  inv_freq_ = rope_inv_freq(c.rope, c.head_dim).to(options.device());
+  embed_VD_ = at::empty({c.vocab_size, c.hidden_size}, options);
+  layers_.resize(static_cast<size_t>(c.num_layers));
+  for (DecoderLayer& layer : layers_) {
+    layer.input_norm = RmsNorm(at::empty({c.hidden_size}, options), c.rms_norm_eps);
+    layer.post_attention_norm = RmsNorm(at::empty({c.hidden_size}, options), c.rms_norm_eps);
+    layer.q_proj = make_linear(q_dim, c.hidden_size, c.qkv_bias, options);
+    layer.k_proj = make_linear(kv_dim, c.hidden_size, c.qkv_bias, options);
+    layer.v_proj = make_linear(kv_dim, c.hidden_size, c.qkv_bias, options);
+    layer.o_proj = make_linear(c.hidden_size, q_dim, c.o_bias, options);
+    layer.gate_proj = make_linear(c.intermediate_size, c.hidden_size, c.mlp_bias, options);
+    layer.up_proj = make_linear(c.intermediate_size, c.hidden_size, c.mlp_bias, options);
+    layer.down_proj = make_linear(c.hidden_size, c.intermediate_size, c.mlp_bias, options);
+  }
+  final_norm_ = RmsNorm(at::empty({c.hidden_size}, options), c.rms_norm_eps);
+  if (!c.tie_word_embeddings) lm_head_VD_ = at::empty({c.vocab_size, c.hidden_size}, options);
+}
+
+void CausalLM::for_each_base_parameter(
+    const std::function<void(const std::string&, at::Tensor&)>& fn) {
+  fn("model.embed_tokens.weight", embed_VD_);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    DecoderLayer& layer = layers_[i];
+    const std::string prefix = "model.layers." + std::to_string(i) + ".";
+    fn(prefix + "input_layernorm.weight", layer.input_norm.weight());
+    fn(prefix + "post_attention_layernorm.weight", layer.post_attention_norm.weight());
+    for (const std::string& name : linear_names()) {
+      LoraLinear& linear = layer.linear(name);
+      fn(prefix + name + ".weight", linear.weight());
+      if (linear.bias().defined()) fn(prefix + name + ".bias", linear.bias());
+    }
+  }
+  fn("model.norm.weight", final_norm_.weight());
+  if (lm_head_VD_.defined()) fn("lm_head.weight", lm_head_VD_);
+}
+
+std::vector<NamedTensor> CausalLM::lora_parameters() const {
+  std::vector<NamedTensor> out;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const DecoderLayer& layer = layers_[i];
+    const std::string prefix = "model.layers." + std::to_string(i) + ".";
+    for (const std::string& name : linear_names()) {
+      const auto& lora = layer.linear(name).lora();
+      if (!lora) continue;
+      out.emplace_back(prefix + name + ".lora_A.weight", lora->a_rI);
+      out.emplace_back(prefix + name + ".lora_B.weight", lora->b_Or);
+    }
+  }
+  return out;
+}
+
+void CausalLM::init_lora(const std::vector<std::string>& target_modules, const LoraOptions& options,
+                         const at::Generator& gen) {
+  for (const std::string& target : target_modules) {
+    bool known = false;
+    for (const std::string& name : linear_names()) known = known || short_name(name) == target;
+    MOLE_CHECK(known, "unknown LoRA target module '", target,
+               "' (known: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)");
+  }
+  for (DecoderLayer& layer : layers_) {
+    for (const std::string& name : linear_names()) {
+      for (const std::string& target : target_modules) {
+        if (short_name(name) == target) layer.linear(name).init_lora(options, gen);
+      }
+    }
+  }
+}
+
+void check_tokens(const at::Tensor& input_ids_BS, const at::Tensor& labels_BS, int64_t vocab_size) {
+  MOLE_CHECK(input_ids_BS.defined() && input_ids_BS.dim() == 2,
+             "input_ids must be a 2-D [batch, seq] tensor, got ",
+             input_ids_BS.defined() ? input_ids_BS.sizes() : at::IntArrayRef{});
+  MOLE_CHECK(input_ids_BS.scalar_type() == at::kLong, "input_ids must be int64, got ",
+             input_ids_BS.scalar_type());
+  MOLE_CHECK(input_ids_BS.size(1) > 0, "input_ids has an empty sequence dimension");
+  // Device -> host sync: one reduction to validate ids before the embedding gathers them.
+  at::Tensor bad = (input_ids_BS < 0).logical_or(input_ids_BS >= vocab_size).nonzero();
+  if (bad.size(0) > 0) {
+    at::Tensor where = bad[0].cpu();
+    const int64_t b = where[0].item<int64_t>(), s = where[1].item<int64_t>();
+    MOLE_FAIL("token id ", input_ids_BS[b][s].item<int64_t>(), " at input_ids[", b, "][", s,
+              "] is outside the vocabulary [0, ", vocab_size, ") (", bad.size(0),
+              " such ids in total)");
+  }
+  if (!labels_BS.defined()) return;
+  MOLE_CHECK(labels_BS.scalar_type() == at::kLong, "labels must be int64, got ",
+             labels_BS.scalar_type());
+  MOLE_CHECK(labels_BS.sizes() == input_ids_BS.sizes(), "labels shape ", labels_BS.sizes(),
+             " differs from input_ids shape ", input_ids_BS.sizes());
+  at::Tensor bad_labels =
+      (labels_BS != -100).logical_and((labels_BS < 0).logical_or(labels_BS >= vocab_size)).nonzero();
+  if (bad_labels.size(0) > 0) {
+    at::Tensor where = bad_labels[0].cpu();
+    const int64_t b = where[0].item<int64_t>(), s = where[1].item<int64_t>();
+    MOLE_FAIL("label ", labels_BS[b][s].item<int64_t>(), " at labels[", b, "][", s,
+              "] is neither -100 nor inside the vocabulary [0, ", vocab_size, ")");
+  }
+}
+
+at::Tensor CausalLM::attention(const DecoderLayer& layer, const at::Tensor& x_BSD,
+                               const RopeTables& rope, const at::Tensor& mask_SS,
+                               bool training) const {
+  const ModelConfig& c = config_;
+  const int64_t B = x_BSD.size(0), S = x_BSD.size(1);
+  const int64_t H = c.num_heads, G = c.num_kv_heads, d = c.head_dim;
+  at::Tensor q_BHSd = layer.q_proj.forward(x_BSD, training).view({B, S, H, d}).transpose(1, 2);
+  at::Tensor k_BGSd = layer.k_proj.forward(x_BSD, training).view({B, S, G, d}).transpose(1, 2);
+  at::Tensor v_BGSd = layer.v_proj.forward(x_BSD, training).view({B, S, G, d}).transpose(1, 2);
+  q_BHSd = apply_rope(q_BHSd, rope);
+  k_BGSd = apply_rope(k_BGSd, rope);
+  // Grouped-query attention: each kv head serves H/G query heads.
+  at::Tensor k_BHSd = k_BGSd.unsqueeze(2).expand({B, G, H / G, S, d}).reshape({B, H, S, d});
+  at::Tensor v_BHSd = v_BGSd.unsqueeze(2).expand({B, G, H / G, S, d}).reshape({B, H, S, d});
+  std::optional<at::Tensor> mask;
+  if (mask_SS.defined()) mask = mask_SS;
+  at::Tensor out_BHSd = compat::scaled_dot_product_attention(
+      q_BHSd, k_BHSd, v_BHSd, mask, 1.0 / std::sqrt(static_cast<double>(d)));
+  at::Tensor out_BSD = out_BHSd.transpose(1, 2).reshape({B, S, H * d});
+  return layer.o_proj.forward(out_BSD, training);
+}
+
+at::Tensor CausalLM::mlp(const DecoderLayer& layer, const at::Tensor& x_BSD, bool training) const {
+  at::Tensor gate_BSF = layer.gate_proj.forward(x_BSD, training);
+  at::Tensor up_BSF = layer.up_proj.forward(x_BSD, training);
+  return layer.down_proj.forward(at::silu(gate_BSF) * up_BSF, training);
+}
+
+at::Tensor CausalLM::forward(const at::Tensor& input_ids_BS, bool training) const {
+  check_tokens(input_ids_BS, at::Tensor(), config_.vocab_size);
+  const int64_t S = input_ids_BS.size(1);
+  at::Tensor ids = input_ids_BS.to(options_.device());
+  RopeTables rope = rope_tables(inv_freq_, S, options_.device());
+  at::Tensor mask_SS;  // undefined: plain causal attention
+  if (config_.sliding_window && S > *config_.sliding_window) {
+    at::Tensor pos = at::arange(S, at::TensorOptions(at::kLong).device(options_.device()));
+    at::Tensor diff = pos.unsqueeze(1) - pos.unsqueeze(0);  // query - key
+    mask_SS = (diff >= 0).logical_and(diff < *config_.sliding_window);
+  }
+  at::Tensor h_BSD = at::embedding(embed_VD_, ids);
+  for (const DecoderLayer& layer : layers_) {
+    h_BSD = h_BSD + attention(layer, layer.input_norm.forward(h_BSD), rope, mask_SS, training);
+    h_BSD = h_BSD + mlp(layer, layer.post_attention_norm.forward(h_BSD), training);
+  }
+  h_BSD = final_norm_.forward(h_BSD);
+  return at::linear(h_BSD, lm_head_VD_.defined() ? lm_head_VD_ : embed_VD_);
+}
+
+LossSum causal_lm_loss_sum(const at::Tensor& logits_BSV, const at::Tensor& labels_BS) {
+  MOLE_CHECK(logits_BSV.dim() == 3 && labels_BS.dim() == 2 &&
+                 logits_BSV.size(0) == labels_BS.size(0) && logits_BSV.size(1) == labels_BS.size(1),
+             "logits ", logits_BSV.sizes(), " and labels ", labels_BS.sizes(), " do not match");
+  const int64_t V = logits_BSV.size(2);
+  const int64_t S = logits_BSV.size(1);
+  at::Tensor targets = labels_BS.narrow(1, 1, S - 1).reshape({-1}).to(logits_BSV.device());
+  at::Tensor logits = logits_BSV.narrow(1, 0, S - 1).reshape({-1, V}).to(at::kFloat);
+  at::Tensor sum = at::cross_entropy_loss(logits, targets, {}, at::Reduction::Sum, -100);
+  // Device -> host sync: the count of target tokens.
+  const int64_t num_tokens = (targets != -100).sum().item<int64_t>();
+  return {sum, num_tokens};
+}
+
+at::Tensor causal_lm_loss(const at::Tensor& logits_BSV, const at::Tensor& labels_BS) {
+  LossSum loss = causal_lm_loss_sum(logits_BSV, labels_BS);
+  MOLE_CHECK(loss.num_tokens > 0,
+             "labels contain no target tokens (every label after the first position is -100)");
+  return loss.sum / static_cast<double>(loss.num_tokens);
+}
+
+}  // namespace mole::moe

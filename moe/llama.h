@@ -1,0 +1,111 @@
+// The LLaMA-family decoder (LLaMA 2/3, Mistral, Qwen2) in LibTorch: embedding, RMSNorm, RoPE,
+// causal GQA attention, SwiGLU MLP, LM head. Base weights are frozen; LoRA adapters attach to
+// the projection linears. Names of parameters follow Hugging Face (`model.layers.0.mlp.up_proj`).
+//
+// Legend: B batch, S sequence, D hidden, F intermediate, V vocab, H heads, G kv heads, d head_dim.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "moe/lora_linear.h"
+#include "moe/model_config.h"
+#include "moe/rope.h"
+
+namespace mole::moe {
+
+using NamedTensor = std::pair<std::string, at::Tensor>;
+
+class RmsNorm {
+ public:
+  RmsNorm() = default;
+  RmsNorm(at::Tensor weight_D, double eps) : weight_D_(std::move(weight_D)), eps_(eps) {}
+  // Normalises in float32 and returns x's dtype, as transformers does.
+  at::Tensor forward(const at::Tensor& x) const;
+  at::Tensor& weight() { return weight_D_; }
+
+ private:
+  at::Tensor weight_D_;
+  double eps_ = 1e-6;
+};
+
+// Names of the adaptable linears inside one decoder layer, in Hugging Face's spelling.
+inline const std::vector<std::string>& linear_names() {
+  static const std::vector<std::string> names = {"self_attn.q_proj", "self_attn.k_proj",
+                                                 "self_attn.v_proj", "self_attn.o_proj",
+                                                 "mlp.gate_proj",    "mlp.up_proj",
+                                                 "mlp.down_proj"};
+  return names;
+}
+
+struct DecoderLayer {
+  RmsNorm input_norm;
+  RmsNorm post_attention_norm;
+  LoraLinear q_proj, k_proj, v_proj, o_proj;
+  LoraLinear gate_proj, up_proj, down_proj;
+
+  // One of linear_names(); throws for anything else.
+  LoraLinear& linear(const std::string& name);
+  const LoraLinear& linear(const std::string& name) const;
+};
+
+class CausalLM {
+ public:
+  // Allocates (uninitialised) frozen weights of `config` with `options` (dtype, device).
+  CausalLM(ModelConfig config, const at::TensorOptions& options);
+
+  const ModelConfig& config() const { return config_; }
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  DecoderLayer& layer(int64_t i) { return layers_.at(static_cast<size_t>(i)); }
+
+  // input_ids_BS (int64) -> logits_BSV in the model dtype. Token ids outside [0, V) are an
+  // error naming the id and its position. `training` enables LoRA dropout.
+  at::Tensor forward(const at::Tensor& input_ids_BS, bool training = false) const;
+
+  // Every frozen base tensor with its Hugging Face name (`lm_head.weight` only when untied).
+  void for_each_base_parameter(const std::function<void(const std::string&, at::Tensor&)>& fn);
+  // Every LoRA tensor, named as PEFT does without the `base_model.model.` prefix, e.g.
+  // `model.layers.0.self_attn.q_proj.lora_A.weight`.
+  std::vector<NamedTensor> lora_parameters() const;
+
+  // Attach freshly initialised LoRA to the linears whose short name (q_proj, ...) is listed.
+  void init_lora(const std::vector<std::string>& target_modules, const LoraOptions& options,
+                 const at::Generator& gen);
+
+  at::TensorOptions options() const { return options_; }
+
+ private:
+  at::Tensor attention(const DecoderLayer& layer, const at::Tensor& x_BSD,
+                       const RopeTables& rope, const at::Tensor& mask_SS,
+                       bool training) const;
+  at::Tensor mlp(const DecoderLayer& layer, const at::Tensor& x_BSD, bool training) const;
+
+  ModelConfig config_;
+  at::TensorOptions options_;
+  at::Tensor inv_freq_;  // float32 [d/2]
+  at::Tensor embed_VD_;
+  std::vector<DecoderLayer> layers_;
+  RmsNorm final_norm_;
+  at::Tensor lm_head_VD_;  // undefined when tied to embed_VD_
+};
+
+// Checks input_ids (int64, [B,S], ids in [0, vocab)) and, when defined, labels (int64, same
+// shape, values -100 or in [0, vocab)). Throws mole::Error naming the offending value/position.
+void check_tokens(const at::Tensor& input_ids_BS, const at::Tensor& labels_BS, int64_t vocab_size);
+
+struct LossSum {
+  at::Tensor sum;      // float32 scalar: sum of token cross-entropies
+  int64_t num_tokens;  // target tokens (labels != -100 after the shift)
+};
+
+// Next-token cross-entropy as transformers computes it: logits[:, :-1] against labels[:, 1:],
+// positions with label -100 ignored. The sum and the count, so callers can normalise globally.
+LossSum causal_lm_loss_sum(const at::Tensor& logits_BSV, const at::Tensor& labels_BS);
+// The mean over target tokens; throws when there are none.
+at::Tensor causal_lm_loss(const at::Tensor& logits_BSV, const at::Tensor& labels_BS);
+
+}  // namespace mole::moe

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what mole needs on Debian 12 (only what is missing) and configures the build.
+#
+#   ./setup.sh                 install dependencies, configure ./build
+#   ./setup.sh --deps-only     install dependencies only
+#   BUILD_DIR=dir ./setup.sh   configure another build folder
+#   CMAKE_ARGS="..." ./setup.sh   extra CMake arguments (e.g. -DCMAKE_PREFIX_PATH=... for a CUDA LibTorch)
+set -euo pipefail
+
+cd "$(dirname "$0")"
+BUILD_DIR=${BUILD_DIR:-build}
+PACKAGES=(
+  build-essential cmake ninja-build ccache pkg-config
+  libtorch-dev
+  libopenmpi-dev openmpi-bin
+  libgloo-dev
+  libprotobuf-dev protobuf-compiler
+  libspdlog-dev libfmt-dev
+  libgtest-dev
+  nlohmann-json3-dev libyaml-cpp-dev libcli11-dev
+  libsentencepiece-dev zlib1g-dev
+)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
+else
+  echo "setup: all Debian packages present"
+fi
+
+[ "${1:-}" = "--deps-only" ] && exit 0
+
+# shellcheck disable=SC2086
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo ${CMAKE_ARGS:-}
+echo "setup: configured $BUILD_DIR; build with: cmake --build $BUILD_DIR"

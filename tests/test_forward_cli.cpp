@@ -1,0 +1,142 @@
+// `mole forward` end to end, through the real binary: parity with the PEFT reference from the
+// fixture files, and clear errors (non-zero exit, message naming the problem) for bad inputs.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <sys/wait.h>
+
+#include "checkpoint/safetensors.h"
+#include "kernels/check.h"
+#include "tests/test_util.h"
+
+namespace mole {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct RunResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr together
+};
+
+RunResult run_mole(const std::string& args) {
+  RunResult result;
+  const std::string cmd = std::string(MOLE_BINARY) + " " + args + " 2>&1";
+  FILE* pipe = popen(cmd.c_str(), "r");
+  if (!pipe) return result;
+  std::array<char, 4096> buffer;
+  size_t n;
+  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0) result.output.append(buffer.data(), n);
+  int status = pclose(pipe);
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return result;
+}
+
+class ForwardCli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    fixture_ = test::tiny_llama_dir();
+    reference_ = std::make_unique<st::SafetensorsFile>(fixture_ + "/reference.safetensors");
+  }
+  std::string args(const std::string& input, const std::string& extra = "") {
+    return "forward --model " + fixture_ + "/base --input " + input + " --output " +
+           dir_.file("out.safetensors") + " " + extra;
+  }
+  std::string fixture_;
+  std::unique_ptr<st::SafetensorsFile> reference_;
+  test::TempDir dir_;
+};
+
+TEST_F(ForwardCli, PeftLoraMatchesReference) {
+  const std::string input = dir_.file("in.safetensors");
+  st::save_file(input, {{"input_ids", reference_->tensor("input_ids")},
+                        {"labels", reference_->tensor("labels")}});
+  RunResult run = run_mole(args(input, "--adapter " + fixture_ + "/peft_lora"));
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  st::SafetensorsFile out(dir_.file("out.safetensors"));
+  EXPECT_EQ(out.tensor("logits").scalar_type(), at::kFloat);
+  EXPECT_EQ(out.tensor("loss").sizes(), (std::vector<int64_t>{1}));
+  EXPECT_LT(test::rel_error(out.tensor("logits"), reference_->tensor("peft_lora_logits")), 1e-4);
+  EXPECT_LT(test::rel_error(out.tensor("loss"), reference_->tensor("peft_lora_loss")), 1e-4);
+}
+
+TEST_F(ForwardCli, BaseWithoutLabelsWritesOnlyLogits) {
+  const std::string input = dir_.file("in.safetensors");
+  st::save_file(input, {{"input_ids", reference_->tensor("input_ids")}});
+  RunResult run = run_mole(args(input));
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  st::SafetensorsFile out(dir_.file("out.safetensors"));
+  EXPECT_FALSE(out.contains("loss"));
+  EXPECT_LT(test::rel_error(out.tensor("logits"), reference_->tensor("base_logits")), 1e-4);
+}
+
+TEST_F(ForwardCli, TokenIdOutsideVocabulary) {
+  const std::string input = dir_.file("in.safetensors");
+  at::Tensor ids = reference_->tensor("input_ids").clone();
+  ids[0][3] = 1000;
+  st::save_file(input, {{"input_ids", ids}});
+  RunResult run = run_mole(args(input));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_NE(run.output.find("token id 1000 at input_ids[0][3] is outside the vocabulary [0, 256)"),
+            std::string::npos)
+      << run.output;
+  EXPECT_FALSE(fs::exists(dir_.file("out.safetensors")));
+}
+
+TEST_F(ForwardCli, BadInputs) {
+  const std::string input = dir_.file("in.safetensors");
+  st::save_file(input, {{"tokens", reference_->tensor("input_ids")}});
+  RunResult run = run_mole(args(input));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_NE(run.output.find("no tensor 'input_ids'"), std::string::npos) << run.output;
+
+  st::save_file(input, {{"input_ids", reference_->tensor("input_ids").to(at::kInt)}});
+  run = run_mole(args(input));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_NE(run.output.find("input_ids must be int64"), std::string::npos) << run.output;
+
+  st::save_file(input, {{"input_ids", reference_->tensor("input_ids")},
+                        {"labels", reference_->tensor("labels").narrow(1, 0, 8)}});
+  run = run_mole(args(input));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_NE(run.output.find("labels shape [2, 8] differs from input_ids shape [2, 16]"),
+            std::string::npos)
+      << run.output;
+
+  run = run_mole(args(dir_.file("missing.safetensors")));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_NE(run.output.find("missing.safetensors"), std::string::npos) << run.output;
+
+  run = run_mole("forward --model x --input y --output z --dtype fp16");
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_NE(run.output.find("--dtype"), std::string::npos) << run.output;
+}
+
+// A model folder whose weights file is cut short, and one with an unknown model_type.
+TEST_F(ForwardCli, BrokenModelFolders) {
+  const std::string input = dir_.file("in.safetensors");
+  st::save_file(input, {{"input_ids", reference_->tensor("input_ids")}});
+  const std::string model = dir_.file("model");
+  fs::create_directory(model);
+  fs::copy_file(fixture_ + "/base/config.json", model + "/config.json");
+  std::string weights = test::read_bytes(fixture_ + "/base/model.safetensors");
+  test::write_bytes(model + "/model.safetensors", weights.substr(0, weights.size() - 100));
+  RunResult run = run_mole("forward --model " + model + " --input " + input + " --output " +
+                           dir_.file("out.safetensors"));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_NE(run.output.find("model.safetensors"), std::string::npos) << run.output;
+
+  std::string config = test::read_bytes(fixture_ + "/base/config.json");
+  config.replace(config.find("\"llama\""), 7, "\"gpt2\"");
+  test::write_bytes(model + "/config.json", config);
+  run = run_mole("forward --model " + model + " --input " + input + " --output " +
+                 dir_.file("out.safetensors"));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_NE(run.output.find("model_type 'gpt2' is not supported"), std::string::npos) << run.output;
+}
+
+}  // namespace
+}  // namespace mole

@@ -1,0 +1,36 @@
+// Shared helpers for the test suite: fixture location, temporary folders, error metrics.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace mole::test {
+
+// The reference fixtures folder (MOLE_FIXTURES env var, else the configured default). Fails the
+// calling test with a clear message when it does not exist.
+std::string fixtures_dir();
+std::string tiny_llama_dir();  // fixtures_dir() + "/hf-tiny-llama"
+
+// ||x - ref|| / ||ref|| in float64.
+double rel_error(const at::Tensor& x, const at::Tensor& ref);
+
+// A fresh temporary folder, removed with everything in it on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// Writes `bytes` to `path` (binary).
+void write_bytes(const std::string& path, const std::string& bytes);
+std::string read_bytes(const std::string& path);
+
+}  // namespace mole::test
