@@ -8,7 +8,7 @@
 #include <filesystem>
 
 #include "checkpoint/model_loader.h"
-#include "checkpoint/peft_adapter.h"
+#include "checkpoint/moe_peft_adapter.h"
 #include "checkpoint/safetensors.h"
 #include "kernels/check.h"
 
@@ -19,7 +19,7 @@ void add_forward_command(CLI::App& app, ForwardOptions& options) {
       "forward", "Run one forward pass: token ids in, logits (and loss, given labels) out");
   cmd->add_option("--model", options.model_dir, "Hugging Face model folder (config.json + safetensors)")
       ->required();
-  cmd->add_option("--adapter", options.adapter_dir, "PEFT LoRA adapter folder");
+  cmd->add_option("--adapter", options.adapter_dir, "PEFT LoRA or MoE-PEFT (MixLoRA, MoLA, DynMoLE, LoRAMoE) adapter folder");
   cmd->add_option("--input", options.input,
                   "safetensors file with input_ids int64 [B,S] and optional labels int64 [B,S]")
       ->required();
@@ -50,7 +50,7 @@ void run_forward(const ForwardOptions& options) {
   } catch (const Error& e) {
     MOLE_FAIL(options.input, ": ", e.what());
   }
-  if (!options.adapter_dir.empty()) ckpt::load_peft_adapter(*model, options.adapter_dir);
+  if (!options.adapter_dir.empty()) ckpt::load_adapter(*model, options.adapter_dir);
 
   at::NoGradGuard no_grad;
   at::Tensor logits = model->forward(input_ids);

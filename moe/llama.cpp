@@ -104,6 +104,32 @@ std::vector<NamedTensor> CausalLM::lora_parameters() const {
   return out;
 }
 
+std::vector<NamedTensor> CausalLM::trainable_parameters() const {
+  std::vector<NamedTensor> out = lora_parameters();
+  auto add_experts = [&out](const std::string& prefix, const ExpertLora& lora) {
+    out.emplace_back(prefix + ".experts.lora_A", lora.a_ErI);
+    out.emplace_back(prefix + ".experts.lora_B", lora.b_EOr);
+  };
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const DecoderLayer& layer = layers_[i];
+    const std::string prefix = "model.layers." + std::to_string(i) + ".";
+    if (layer.ffn_site) {
+      const FfnMoeSite& site = *layer.ffn_site;
+      out.emplace_back(prefix + "mlp.moe_gate.weight", site.router_weight());
+      add_experts(prefix + "mlp.gate_proj", site.gate());
+      add_experts(prefix + "mlp.up_proj", site.up());
+      add_experts(prefix + "mlp.down_proj", site.down());
+    }
+    for (const std::string& name : linear_names()) {
+      auto it = layer.linear_sites.find(name);
+      if (it == layer.linear_sites.end()) continue;
+      out.emplace_back(prefix + name + ".moe_gate.weight", it->second->router_weight());
+      add_experts(prefix + name, it->second->experts());
+    }
+  }
+  return out;
+}
+
 void CausalLM::init_lora(const std::vector<std::string>& target_modules, const LoraOptions& options,
                          const at::Generator& gen) {
   for (const std::string& target : target_modules) {
@@ -152,15 +178,25 @@ void check_tokens(const at::Tensor& input_ids_BS, const at::Tensor& labels_BS, i
   }
 }
 
+at::Tensor CausalLM::project(const DecoderLayer& layer, const std::string& name,
+                            const at::Tensor& x_BSI, ForwardContext& ctx) const {
+  at::Tensor y = layer.linear(name).forward(x_BSI, ctx.training);
+  auto site = layer.linear_sites.find(name);
+  if (site == layer.linear_sites.end()) return y;
+  at::Tensor x_TI = x_BSI.reshape({-1, x_BSI.size(-1)});
+  at::Tensor delta_TO = site->second->delta(x_TI, ctx);
+  return y + delta_TO.view(y.sizes()).to(y.scalar_type());
+}
+
 at::Tensor CausalLM::attention(const DecoderLayer& layer, const at::Tensor& x_BSD,
                                const RopeTables& rope, const at::Tensor& mask_SS,
-                               bool training) const {
+                               ForwardContext& ctx) const {
   const ModelConfig& c = config_;
   const int64_t B = x_BSD.size(0), S = x_BSD.size(1);
   const int64_t H = c.num_heads, G = c.num_kv_heads, d = c.head_dim;
-  at::Tensor q_BHSd = layer.q_proj.forward(x_BSD, training).view({B, S, H, d}).transpose(1, 2);
-  at::Tensor k_BGSd = layer.k_proj.forward(x_BSD, training).view({B, S, G, d}).transpose(1, 2);
-  at::Tensor v_BGSd = layer.v_proj.forward(x_BSD, training).view({B, S, G, d}).transpose(1, 2);
+  at::Tensor q_BHSd = project(layer, "self_attn.q_proj", x_BSD, ctx).view({B, S, H, d}).transpose(1, 2);
+  at::Tensor k_BGSd = project(layer, "self_attn.k_proj", x_BSD, ctx).view({B, S, G, d}).transpose(1, 2);
+  at::Tensor v_BGSd = project(layer, "self_attn.v_proj", x_BSD, ctx).view({B, S, G, d}).transpose(1, 2);
   q_BHSd = apply_rope(q_BHSd, rope);
   k_BGSd = apply_rope(k_BGSd, rope);
   // Grouped-query attention: each kv head serves H/G query heads.
@@ -171,16 +207,27 @@ at::Tensor CausalLM::attention(const DecoderLayer& layer, const at::Tensor& x_BS
   at::Tensor out_BHSd = compat::scaled_dot_product_attention(
       q_BHSd, k_BHSd, v_BHSd, mask, 1.0 / std::sqrt(static_cast<double>(d)));
   at::Tensor out_BSD = out_BHSd.transpose(1, 2).reshape({B, S, H * d});
-  return layer.o_proj.forward(out_BSD, training);
+  return project(layer, "self_attn.o_proj", out_BSD, ctx);
 }
 
-at::Tensor CausalLM::mlp(const DecoderLayer& layer, const at::Tensor& x_BSD, bool training) const {
-  at::Tensor gate_BSF = layer.gate_proj.forward(x_BSD, training);
-  at::Tensor up_BSF = layer.up_proj.forward(x_BSD, training);
-  return layer.down_proj.forward(at::silu(gate_BSF) * up_BSF, training);
+at::Tensor CausalLM::mlp(const DecoderLayer& layer, const at::Tensor& x_BSD,
+                         ForwardContext& ctx) const {
+  if (layer.ffn_site) {
+    at::Tensor x_TD = x_BSD.reshape({-1, x_BSD.size(-1)});
+    return layer.ffn_site->forward(x_TD, layer.gate_proj, layer.up_proj, layer.down_proj, ctx)
+        .view(x_BSD.sizes());
+  }
+  at::Tensor gate_BSF = project(layer, "mlp.gate_proj", x_BSD, ctx);
+  at::Tensor up_BSF = project(layer, "mlp.up_proj", x_BSD, ctx);
+  return project(layer, "mlp.down_proj", at::silu(gate_BSF) * up_BSF, ctx);
 }
 
-at::Tensor CausalLM::forward(const at::Tensor& input_ids_BS, bool training) const {
+at::Tensor CausalLM::forward(const at::Tensor& input_ids_BS) const {
+  ForwardContext ctx;
+  return forward(input_ids_BS, ctx);
+}
+
+at::Tensor CausalLM::forward(const at::Tensor& input_ids_BS, ForwardContext& ctx) const {
   check_tokens(input_ids_BS, at::Tensor(), config_.vocab_size);
   const int64_t S = input_ids_BS.size(1);
   at::Tensor ids = input_ids_BS.to(options_.device());
@@ -193,8 +240,8 @@ at::Tensor CausalLM::forward(const at::Tensor& input_ids_BS, bool training) cons
   }
   at::Tensor h_BSD = at::embedding(embed_VD_, ids);
   for (const DecoderLayer& layer : layers_) {
-    h_BSD = h_BSD + attention(layer, layer.input_norm.forward(h_BSD), rope, mask_SS, training);
-    h_BSD = h_BSD + mlp(layer, layer.post_attention_norm.forward(h_BSD), training);
+    h_BSD = h_BSD + attention(layer, layer.input_norm.forward(h_BSD), rope, mask_SS, ctx);
+    h_BSD = h_BSD + mlp(layer, layer.post_attention_norm.forward(h_BSD), ctx);
   }
   h_BSD = final_norm_.forward(h_BSD);
   return at::linear(h_BSD, lm_head_VD_.defined() ? lm_head_VD_ : embed_VD_);

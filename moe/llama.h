@@ -8,12 +8,16 @@
 #include <ATen/core/Tensor.h>
 
 #include <functional>
+#include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "moe/forward_context.h"
 #include "moe/lora_linear.h"
 #include "moe/model_config.h"
+#include "moe/moe_site.h"
 #include "moe/rope.h"
 
 namespace mole::moe {
@@ -47,6 +51,10 @@ struct DecoderLayer {
   RmsNorm post_attention_norm;
   LoraLinear q_proj, k_proj, v_proj, o_proj;
   LoraLinear gate_proj, up_proj, down_proj;
+  // MixLoRA: the FFN block is a MoE site (its experts carry the gate/up/down LoRA).
+  std::unique_ptr<FfnMoeSite> ffn_site;
+  // MoLA / DynMoLE / MoELoRA: per-linear sites, keyed by linear name (e.g. "self_attn.q_proj").
+  std::map<std::string, std::unique_ptr<LinearMoeSite>> linear_sites;
 
   // One of linear_names(); throws for anything else.
   LoraLinear& linear(const std::string& name);
@@ -63,14 +71,21 @@ class CausalLM {
   DecoderLayer& layer(int64_t i) { return layers_.at(static_cast<size_t>(i)); }
 
   // input_ids_BS (int64) -> logits_BSV in the model dtype. Token ids outside [0, V) are an
-  // error naming the id and its position. `training` enables LoRA dropout.
-  at::Tensor forward(const at::Tensor& input_ids_BS, bool training = false) const;
+  // error naming the id and its position. `ctx.training` enables dropout and router jitter; MoE
+  // sites append their router records to `ctx.sites`.
+  at::Tensor forward(const at::Tensor& input_ids_BS, ForwardContext& ctx) const;
+  // Evaluation-mode forward without router records.
+  at::Tensor forward(const at::Tensor& input_ids_BS) const;
 
   // Every frozen base tensor with its Hugging Face name (`lm_head.weight` only when untied).
   void for_each_base_parameter(const std::function<void(const std::string&, at::Tensor&)>& fn);
-  // Every LoRA tensor, named as PEFT does without the `base_model.model.` prefix, e.g.
+  // Every plain LoRA tensor, named as PEFT does without the `base_model.model.` prefix, e.g.
   // `model.layers.0.self_attn.q_proj.lora_A.weight`.
   std::vector<NamedTensor> lora_parameters() const;
+  // Every trainable tensor: plain LoRA as above, then MoE sites' routers and stacked experts:
+  // `model.layers.0.mlp.moe_gate.weight`, `model.layers.0.mlp.gate_proj.experts.lora_A` [E,r,I],
+  // `model.layers.0.self_attn.q_proj.moe_gate.weight`, ...
+  std::vector<NamedTensor> trainable_parameters() const;
 
   // Attach freshly initialised LoRA to the linears whose short name (q_proj, ...) is listed.
   void init_lora(const std::vector<std::string>& target_modules, const LoraOptions& options,
@@ -81,8 +96,11 @@ class CausalLM {
  private:
   at::Tensor attention(const DecoderLayer& layer, const at::Tensor& x_BSD,
                        const RopeTables& rope, const at::Tensor& mask_SS,
-                       bool training) const;
-  at::Tensor mlp(const DecoderLayer& layer, const at::Tensor& x_BSD, bool training) const;
+                       ForwardContext& ctx) const;
+  at::Tensor mlp(const DecoderLayer& layer, const at::Tensor& x_BSD, ForwardContext& ctx) const;
+  // A projection of `layer`: its base and plain LoRA, plus its per-linear MoE site if any.
+  at::Tensor project(const DecoderLayer& layer, const std::string& name, const at::Tensor& x_BSI,
+                     ForwardContext& ctx) const;
 
   ModelConfig config_;
   at::TensorOptions options_;

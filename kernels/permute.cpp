@@ -1,0 +1,63 @@
+// CPU reference token permutation (see permute.h).
+#include "kernels/permute.h"
+
+#include <ATen/ATen.h>
+
+#include "kernels/check.h"
+
+namespace mole::kernels {
+
+PermutePlan make_permute_plan(const at::Tensor& token_N, const at::Tensor& expert_N,
+                              int64_t num_tokens, int64_t num_experts) {
+  MOLE_CHECK(token_N.dim() == 1 && expert_N.dim() == 1 && token_N.size(0) == expert_N.size(0),
+             "permute: token and expert lists must be 1-D of equal length, got ", token_N.sizes(),
+             " and ", expert_N.sizes());
+  MOLE_CHECK(token_N.scalar_type() == at::kLong && expert_N.scalar_type() == at::kLong,
+             "permute: token and expert ids must be int64, got ", token_N.scalar_type(), " and ",
+             expert_N.scalar_type());
+  MOLE_CHECK(num_experts > 0 && num_tokens >= 0, "permute: need num_experts > 0, got ",
+             num_experts);
+  PermutePlan plan;
+  plan.num_tokens = num_tokens;
+  plan.num_experts = num_experts;
+  const int64_t n = expert_N.size(0);
+  if (n > 0) {
+    // Sync point: range checks on the host.
+    const int64_t e_min = expert_N.min().item<int64_t>(), e_max = expert_N.max().item<int64_t>();
+    MOLE_CHECK(e_min >= 0 && e_max < num_experts, "permute: expert id ", e_min < 0 ? e_min : e_max,
+               " outside [0, ", num_experts, ")");
+    const int64_t t_min = token_N.min().item<int64_t>(), t_max = token_N.max().item<int64_t>();
+    MOLE_CHECK(t_min >= 0 && t_max < num_tokens, "permute: token index ", t_min < 0 ? t_min : t_max,
+               " outside [0, ", num_tokens, ")");
+  }
+  plan.order_N = std::get<1>(at::sort(expert_N, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  plan.token_N = token_N.index_select(0, plan.order_N);
+  plan.inverse_N = at::empty_like(plan.order_N);
+  plan.inverse_N.index_put_({plan.order_N}, at::arange(n, plan.order_N.options()));
+  // Sync point: per-expert row counts on the host, needed to slice expert segments.
+  at::Tensor counts_E = at::bincount(expert_N, {}, num_experts).to(at::kCPU);
+  plan.counts.assign(counts_E.data_ptr<int64_t>(), counts_E.data_ptr<int64_t>() + num_experts);
+  return plan;
+}
+
+at::Tensor permute_rows(const at::Tensor& x_TD, const PermutePlan& plan) {
+  MOLE_CHECK(x_TD.dim() == 2 && x_TD.size(0) == plan.num_tokens, "permute_rows: expected x of [",
+             plan.num_tokens, ", D], got ", x_TD.sizes());
+  return x_TD.index_select(0, plan.token_N.to(x_TD.device()));
+}
+
+at::Tensor unpermute_combine(const at::Tensor& rows_ND, const PermutePlan& plan,
+                             const at::Tensor& weight_N) {
+  MOLE_CHECK(rows_ND.dim() == 2 && rows_ND.size(0) == plan.num_rows(),
+             "unpermute_combine: expected rows of [", plan.num_rows(), ", D], got ",
+             rows_ND.sizes());
+  MOLE_CHECK(weight_N.dim() == 1 && weight_N.size(0) == plan.num_rows(),
+             "unpermute_combine: expected ", plan.num_rows(), " weights, got ", weight_N.sizes());
+  at::Tensor order = plan.order_N.to(rows_ND.device());
+  at::Tensor weight_sorted = weight_N.to(rows_ND.device(), rows_ND.scalar_type()).index_select(0, order);
+  at::Tensor weighted_ND = rows_ND * weight_sorted.unsqueeze(1);
+  at::Tensor out_TD = at::zeros({plan.num_tokens, rows_ND.size(1)}, rows_ND.options());
+  return out_TD.index_add(0, plan.token_N.to(rows_ND.device()), weighted_ND);
+}
+
+}  // namespace mole::kernels

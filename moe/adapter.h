@@ -1,0 +1,72 @@
+// What adapter a model carries (plain LoRA or one of the MoE-LoRA methods), how to attach a
+// freshly initialised one, and how the routers' auxiliary losses add up over sites.
+#pragma once
+
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "moe/forward_context.h"
+#include "moe/llama.h"
+#include "moe/moe_site.h"
+#include "moe/router.h"
+
+namespace mole::moe {
+
+// lora | mixlora | mola | dynmole | moelora | loramoe (the last from MoE-PEFT imports).
+enum class Method { kLora, kMixLora, kMola, kDynMole, kMoeLora, kLoraMoe };
+Method parse_method(const std::string& name);  // throws naming the allowed values
+const char* method_name(Method method);
+
+struct AuxLossOptions {
+  double load_balance_coef = 0.01;
+  double z_loss_coef = 0.0;
+  double entropy_coef = 0.0;  // DynMoLE's Tsallis entropy loss
+  ContrastiveOptions contrastive;  // MoELoRA
+  // false: load balance per site, then the mean over sites (default). true: the stats of all
+  // sites summed first, as MoE-PEFT does by concatenating every layer's router logits (needs the
+  // same expert count at every site).
+  bool balance_over_all_sites = false;
+};
+
+struct AdapterSpec {
+  Method method = Method::kLora;
+  LoraOptions lora;         // plain LoRA (attention projections of MixLoRA, all targets of lora)
+  LoraOptions expert_lora;  // the experts' LoRA
+  std::vector<std::string> target_modules = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                             "gate_proj", "up_proj", "down_proj"};
+  // Per-linear methods: the targets that get a router and experts; the others get plain LoRA.
+  // Empty: every target. (LoRAMoE routes only the MLP projections.)
+  std::vector<std::string> routed_modules;
+  std::vector<int64_t> experts_per_layer;  // resolved allocation, one count per layer
+  RouterOptions router;
+  double router_init_range = 0.02;  // router weights ~ N(0, range)
+  AuxLossOptions aux;
+
+  bool is_moe() const { return method != Method::kLora; }
+  // Checks the targets and the allocation against `num_layers`; throws naming the key.
+  void validate(int64_t num_layers) const;
+};
+
+// Attaches fresh adapter weights (LoRA A kaiming-uniform, B zero, routers N(0, range)) to every
+// target linear of `model` according to `spec`.
+void attach_adapter(CausalLM& model, const AdapterSpec& spec, const at::Generator& gen);
+
+// Each auxiliary loss already multiplied by its coefficient; undefined when off. `total` is their
+// sum (a float32 zero when all are off).
+struct AuxLosses {
+  at::Tensor load_balance;
+  at::Tensor z_loss;
+  at::Tensor entropy;
+  at::Tensor contrastive;
+  at::Tensor total;
+};
+AuxLosses aux_losses(const ForwardContext& ctx, const AuxLossOptions& options);
+
+// Fraction of routed pairs per expert for each site of the last forward: site name -> loads.
+std::vector<std::pair<std::string, std::vector<double>>> expert_loads(const ForwardContext& ctx);
+
+}  // namespace mole::moe

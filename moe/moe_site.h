@@ -1,0 +1,97 @@
+// MoE-LoRA sites (DESIGN.md §3): a router and E LoRA experts attached to base linears that
+// share the routing.
+//  - FfnMoeSite (MixLoRA): one router per decoder layer; expert e has LoRA on gate, up and down.
+//    The frozen W_g x and W_u x run once per token; because W_d is linear,
+//    sum_e w_e W_d h_e = W_d (sum_e w_e h_e), so the frozen down projection also runs once per
+//    token, on the weighted sum of the experts' hidden states.
+//  - LinearMoeSite (MoLA, DynMoLE, MoELoRA): a router per adapted linear; only the LoRA deltas
+//    are routed: y = W x + sum_e w_e s B_e A_e x.
+// Both group routed rows by expert (kernels/permute.h) and run grouped LoRA over the segments.
+//
+// Legend: T tokens, D hidden, F intermediate, I/O linear in/out, E experts, r rank, N pairs.
+#pragma once
+
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+
+#include "moe/forward_context.h"
+#include "moe/lora_linear.h"
+#include "moe/router.h"
+
+namespace mole::moe {
+
+// The LoRA of E experts on one projection, stacked.
+struct ExpertLora {
+  at::Tensor a_ErI;  // float32, trainable
+  at::Tensor b_EOr;  // float32, trainable
+  double scale = 1.0;
+  double dropout = 0.0;
+
+  int64_t num_experts() const { return a_ErI.size(0); }
+  // A kaiming-uniform (bound 1/sqrt(I)), B zero, from `gen`.
+  static ExpertLora init(int64_t num_experts, int64_t in, int64_t out, const LoraOptions& options,
+                         const at::Device& device, const at::Generator& gen);
+  // Validates shapes against (E, in, out), copies to float32 on `device`, marks trainable.
+  static ExpertLora from(const at::Tensor& a_ErI, const at::Tensor& b_EOr, int64_t in, int64_t out,
+                         double scale, double dropout, const at::Device& device,
+                         const std::string& what);
+};
+
+struct ContrastiveOptions {
+  double coef = 0.0;  // 0: off
+  double temperature = 0.07;
+  int64_t max_samples = 64;  // expert outputs per site entering the loss
+};
+
+class FfnMoeSite {
+ public:
+  FfnMoeSite(std::string name, at::Tensor router_ED, ExpertLora gate, ExpertLora up, ExpertLora down,
+             RouterOptions router);
+
+  // x_TD -> y_TD for the FFN block with base projections `gate`, `up`, `down` (their own plain
+  // LoRA, if any, is ignored: the experts carry the LoRA). Records router stats in `ctx`.
+  at::Tensor forward(const at::Tensor& x_TD, const LoraLinear& gate, const LoraLinear& up,
+                     const LoraLinear& down, ForwardContext& ctx) const;
+
+  const std::string& name() const { return name_; }
+  int64_t num_experts() const { return router_ED_.size(0); }
+  const RouterOptions& router_options() const { return router_; }
+  const at::Tensor& router_weight() const { return router_ED_; }
+  const ExpertLora& gate() const { return gate_; }
+  const ExpertLora& up() const { return up_; }
+  const ExpertLora& down() const { return down_; }
+
+ private:
+  std::string name_;
+  at::Tensor router_ED_;  // float32, trainable
+  ExpertLora gate_, up_, down_;
+  RouterOptions router_;
+};
+
+class LinearMoeSite {
+ public:
+  LinearMoeSite(std::string name, at::Tensor router_EI, ExpertLora experts, RouterOptions router,
+                ContrastiveOptions contrastive = {});
+
+  // The routed LoRA delta for x_TI, float32 [T, O]. Records router stats (and the contrastive
+  // loss when enabled) in `ctx`.
+  at::Tensor delta(const at::Tensor& x_TI, ForwardContext& ctx) const;
+
+  const std::string& name() const { return name_; }
+  int64_t num_experts() const { return router_EI_.size(0); }
+  const RouterOptions& router_options() const { return router_; }
+  const at::Tensor& router_weight() const { return router_EI_; }
+  const ExpertLora& experts() const { return experts_; }
+
+ private:
+  std::string name_;
+  at::Tensor router_EI_;  // float32, trainable
+  ExpertLora experts_;
+  RouterOptions router_;
+  ContrastiveOptions contrastive_;
+};
+
+}  // namespace mole::moe
