@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 BUILD_DIR=${BUILD_DIR:-build}
 PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config
-  libtorch-dev
+  libtorch-dev libopenblas0-pthread
   libopenmpi-dev openmpi-bin
   libgloo-dev
   libprotobuf-dev protobuf-compiler

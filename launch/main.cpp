@@ -1,10 +1,15 @@
 // The `mole` command: parse, run the chosen subcommand, report errors.
+#include <ATen/Parallel.h>
 #include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <exception>
+#include <thread>
 
 #include "kernels/check.h"
+#include "launch/bench_command.h"
 #include "launch/forward_command.h"
 
 int main(int argc, char** argv) {
@@ -15,11 +20,18 @@ int main(int argc, char** argv) {
 
   mole::launch::ForwardOptions forward;
   mole::launch::add_forward_command(app, forward);
+  mole::launch::BenchOptions bench;
+  mole::launch::add_bench_command(app, bench);
 
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(verbose ? spdlog::level::debug : spdlog::level::info);
+  // OpenMP may start with one thread on some machines; use every core unless told otherwise.
+  if (!std::getenv("OMP_NUM_THREADS")) {
+    at::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  }
   try {
     if (app.got_subcommand("forward")) mole::launch::run_forward(forward);
+    if (app.got_subcommand("bench")) mole::launch::run_bench(bench);
   } catch (const mole::Error& e) {
     spdlog::error("{}", e.what());
     return 1;

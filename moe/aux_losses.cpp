@@ -55,8 +55,9 @@ RouterStats router_stats(const RouterOutput& out, const at::Tensor& valid_T, dou
              "router stats: routing token_N and expert_N must be defined and of equal size");
   at::Tensor valid_bool_T;
   if (valid_T.defined()) {
-    MOLE_CHECK(valid_T.dim() == 1 && valid_T.size(0) == num_tokens, "router stats: valid_T must be [",
-               num_tokens, "] (one flag per token), got ", valid_T.sizes());
+    MOLE_CHECK(valid_T.dim() == 1 && valid_T.size(0) == num_tokens,
+               "router stats: valid_T must be [", num_tokens, "] (one flag per token), got ",
+               valid_T.sizes());
     valid_bool_T = valid_T.to(probs_TE.device(), at::kBool);
   } else {
     valid_bool_T = at::ones({num_tokens}, probs_TE.options().dtype(at::kBool));
@@ -64,7 +65,7 @@ RouterStats router_stats(const RouterOutput& out, const at::Tensor& valid_T, dou
   const at::Tensor valid_N = valid_bool_T.index_select(0, routing.token_N);
 
   RouterStats stats;
-  stats.pairs_E = at::zeros({num_experts}, probs_TE.options().requires_grad(false))
+  stats.pairs_E = at::zeros({num_experts}, probs_TE.options())
                       .index_add_(0, routing.expert_N, valid_N.to(probs_TE.scalar_type()));
   const at::Tensor zeros_TE = at::zeros_like(probs_TE);
   stats.prob_sum_E = at::where(valid_bool_T.unsqueeze(1), probs_TE, zeros_TE).sum(0);

@@ -130,6 +130,19 @@ std::vector<NamedTensor> CausalLM::trainable_parameters() const {
   return out;
 }
 
+void CausalLM::init_base_random(const at::Generator& gen, double std) {
+  at::NoGradGuard no_grad;
+  for_each_base_parameter([&](const std::string& name, at::Tensor& param) {
+    at::Tensor value = at::empty(param.sizes(), at::kFloat);
+    const bool is_norm = name.find("norm.weight") != std::string::npos;
+    const bool is_bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
+    if (is_norm) value.fill_(1.0);
+    else if (is_bias) value.zero_();
+    else value.normal_(0.0, std, gen);
+    param = value.to(param.options());
+  });
+}
+
 void CausalLM::init_lora(const std::vector<std::string>& target_modules, const LoraOptions& options,
                          const at::Generator& gen) {
   for (const std::string& target : target_modules) {

@@ -87,6 +87,10 @@ class CausalLM {
   // `model.layers.0.self_attn.q_proj.moe_gate.weight`, ...
   std::vector<NamedTensor> trainable_parameters() const;
 
+  // Fills the frozen base deterministically from `gen`: linear and embedding weights
+  // N(0, std), biases zero, norm weights one (synthetic models and benchmarks).
+  void init_base_random(const at::Generator& gen, double std = 0.02);
+
   // Attach freshly initialised LoRA to the linears whose short name (q_proj, ...) is listed.
   void init_lora(const std::vector<std::string>& target_modules, const LoraOptions& options,
                  const at::Generator& gen);

@@ -66,6 +66,11 @@ at::Tensor autograd_gradient(const std::function<at::Tensor(const at::Tensor&)>&
   return leaf.grad();
 }
 
+// at::tensor has no bool overload in LibTorch 1.13.
+at::Tensor flags(const std::vector<int64_t>& values) {
+  return at::tensor(values, at::kLong).to(at::kBool);
+}
+
 double value(const at::Tensor& t) { return t.item<double>(); }
 
 std::string error_of(const std::function<void()>& fn) {
@@ -120,7 +125,7 @@ TEST(AuxLossStats, ValidMaskExcludesTokens) {
   at::Tensor logits = small_logits();
   logits[1] += 50.0;  // token 1 is padding: its (shifted) logits must not matter
   RouterOutput out = route_with(logits, RoutingStrategy::kTopK, 1);
-  at::Tensor valid = at::tensor({true, false, true});
+  at::Tensor valid = flags({1, 0, 1});
   RouterStats s = moe::router_stats(out, valid, 2.0);
   EXPECT_EQ(s.num_tokens, 2);
   EXPECT_EQ(s.num_pairs, 2);
@@ -146,7 +151,7 @@ TEST(AuxLossStats, ValidMaskExcludesTokens) {
   EXPECT_EQ(z.grad()[1].abs().sum().item<double>(), 0.0);
   EXPECT_GT(z.grad()[0].abs().sum().item<double>(), 0.0);
 
-  EXPECT_NE(error_of([&] { moe::router_stats(out, at::tensor({true, false}), 2.0); })
+  EXPECT_NE(error_of([&] { moe::router_stats(out, flags({1, 0}), 2.0); })
                 .find("valid_T must be [3] (one flag per token), got [2]"),
             std::string::npos);
 }
@@ -160,8 +165,8 @@ TEST(AuxLossStats, SumOfHalvesEqualsTheWhole) {
   const double q = 1.1;
   RouterStats whole = moe::router_stats(route_with(logits, RoutingStrategy::kTopK), valid, q);
   RouterStats a = moe::router_stats(
-      route_with(logits.index_select(0, first), RoutingStrategy::kTopK), valid.index_select(0, first),
-      q);
+      route_with(logits.index_select(0, first), RoutingStrategy::kTopK),
+      valid.index_select(0, first), q);
   RouterStats b = moe::router_stats(
       route_with(logits.index_select(0, second), RoutingStrategy::kTopK),
       valid.index_select(0, second), q);
@@ -234,7 +239,7 @@ TEST(AuxLossLoadBalance, GradientMatchesFiniteDifferencesAndClosedForm) {
   at::manual_seed(43);
   const int64_t num_tokens = 6, num_experts = 4;
   at::Tensor z0 = at::randn({num_tokens, num_experts}, at::kDouble);
-  at::Tensor valid = at::tensor({true, true, false, true, true, true});
+  at::Tensor valid = flags({1, 1, 0, 1, 1, 1});
   RouterOutput out = route_with(z0.to(at::kFloat), RoutingStrategy::kTopK, 2);
   auto loss = [&](const at::Tensor& z) {
     return moe::load_balance_loss(moe::router_stats(with_logits(out, z), valid, 1.1));
@@ -273,7 +278,7 @@ TEST(AuxLossEntropy, GradientMatchesFiniteDifferences) {
   at::manual_seed(53);
   at::Tensor z0 = at::randn({5, 4}, at::kDouble);
   RouterOutput out = route_with(z0.to(at::kFloat), RoutingStrategy::kDense);
-  at::Tensor valid = at::tensor({true, false, true, true, true});
+  at::Tensor valid = flags({1, 0, 1, 1, 1});
   for (double q : {1.0, 1.1, 2.0, 0.5}) {
     auto loss = [&](const at::Tensor& z) {
       return moe::entropy_loss(moe::router_stats(with_logits(out, z), valid, q));
