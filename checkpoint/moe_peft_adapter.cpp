@@ -138,7 +138,8 @@ moe::AdapterSpec load_moe_peft_config(const std::string& adapter_dir) {
   else if (peft_type == "MOLA") spec.method = moe::Method::kMola;
   else if (peft_type == "DYNMOLE") spec.method = moe::Method::kDynMole;
   else if (peft_type == "LORAMOE") spec.method = moe::Method::kLoraMoe;
-  else MOLE_FAIL(file, ": peft_type '", peft_type, "' is not a MoE-PEFT adapter (MIXLORA, MOLA, DYNMOLE, LORAMOE)");
+  else if (peft_type == "MOELORA") spec.method = moe::Method::kMoeLora;
+  else MOLE_FAIL(file, ": peft_type '", peft_type, "' is not a MoE-PEFT adapter (MIXLORA, MOLA, DYNMOLE, LORAMOE, or mole's MOELORA)");
 
   MOLE_CHECK(!get<bool>(root, "use_dora", false, file), file, ": DoRA experts are not supported");
   MOLE_CHECK(get<std::string>(root, "bias", "none", file) == "none", file,
@@ -172,12 +173,13 @@ moe::AdapterSpec load_moe_peft_config(const std::string& adapter_dir) {
         spec.router.top_p = get<double>(root, "top_p", 0.8, file);
         MOLE_CHECK(get<double>(root, "temperature", 0.0, file) == 0.0, file,
                    ": mixlora-dynamic with temperature > 0 is not supported");
-      } else {
+      } else if (!(strategy == "mixlora-switch" && root.contains("mole_router"))) {
         MOLE_FAIL(file, ": routing_strategy '", strategy, "' is not supported for import (",
                   "supported: mixlora, mixlora-dynamic; mixlora-switch uses a per-sequence ",
                   "expert_capacity that mole's switch router does not model)");
       }
       break;
+    case moe::Method::kMoeLora:
     case moe::Method::kMola:
       spec.router.top_k = get<int64_t>(root, "top_k", 2, file);
       spec.aux.load_balance_coef = get<bool>(root, "router_loss", false, file)
@@ -201,6 +203,18 @@ moe::AdapterSpec load_moe_peft_config(const std::string& adapter_dir) {
       break;
     default:
       break;
+  }
+  // Written by mole's own export: the exact router settings, which MoE-PEFT has no field for.
+  if (root.contains("mole_router") && root["mole_router"].is_object()) {
+    const json& r = root["mole_router"];
+    spec.router.strategy = moe::parse_routing_strategy(get<std::string>(r, "strategy", "topk", file));
+    spec.router.top_k = get<int64_t>(r, "top_k", spec.router.top_k, file);
+    spec.router.top_p = get<double>(r, "top_p", spec.router.top_p, file);
+    spec.router.jitter_noise = get<double>(r, "jitter_noise", spec.router.jitter_noise, file);
+    spec.router.capacity_factor = get<double>(r, "capacity_factor", spec.router.capacity_factor, file);
+    spec.router.entropy_q = get<double>(r, "entropy_q", spec.router.entropy_q, file);
+    spec.router.entropy_threshold = get<double>(r, "entropy_threshold", spec.router.entropy_threshold, file);
+    spec.router.keep_top_k = get<int64_t>(r, "keep_top_k", spec.router.keep_top_k, file);
   }
   return spec;
 }

@@ -7,6 +7,7 @@ find_package(nlohmann_json 3 REQUIRED)
 find_package(spdlog REQUIRED)
 find_package(CLI11 REQUIRED)
 find_package(ZLIB REQUIRED)
+find_package(yaml-cpp REQUIRED)
 
 # LibTorch's CXX flags carry the C++ ABI define; the whole project must agree with it.
 string(APPEND CMAKE_CXX_FLAGS " ${TORCH_CXX_FLAGS}")

@@ -10,7 +10,9 @@
 
 #include "kernels/check.h"
 #include "launch/bench_command.h"
+#include "launch/export_command.h"
 #include "launch/forward_command.h"
+#include "launch/trainer.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"mole: Mixture-of-LoRA-Experts fine-tuning for LLaMA-family models"};
@@ -18,8 +20,12 @@ int main(int argc, char** argv) {
   bool verbose = false;
   app.add_flag("-v,--verbose", verbose, "Debug logging");
 
+  mole::launch::TrainOptions train;
+  mole::launch::add_train_command(app, train);
   mole::launch::ForwardOptions forward;
   mole::launch::add_forward_command(app, forward);
+  mole::launch::ExportOptions export_options;
+  mole::launch::add_export_command(app, export_options);
   mole::launch::BenchOptions bench;
   mole::launch::add_bench_command(app, bench);
 
@@ -30,7 +36,9 @@ int main(int argc, char** argv) {
     at::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
   }
   try {
+    if (app.got_subcommand("train")) mole::launch::run_train(train);
     if (app.got_subcommand("forward")) mole::launch::run_forward(forward);
+    if (app.got_subcommand("export")) mole::launch::run_export(export_options);
     if (app.got_subcommand("bench")) mole::launch::run_bench(bench);
   } catch (const mole::Error& e) {
     spdlog::error("{}", e.what());

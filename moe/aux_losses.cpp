@@ -125,11 +125,10 @@ at::Tensor contrastive_loss(const at::Tensor& embeddings_MD, const at::Tensor& e
 
   const double neg_inf = -std::numeric_limits<double>::infinity();
   const at::Tensor log_all_M = at::logsumexp(sim_MM.masked_fill(self_MM, neg_inf), {1});
-  // Rows without a positive would be all -inf (NaN gradients even when masked out later): give
-  // them the unmasked row instead; their loss is discarded below.
-  const at::Tensor pos_rows_MM = positive_MM.logical_or(has_positive_M.logical_not().unsqueeze(1));
-  const at::Tensor log_pos_M = at::logsumexp(sim_MM.masked_fill(pos_rows_MM.logical_not(), neg_inf),
-                                             {1});
+  // -inf for anchors without a positive; where() discards them, and masked_fill's backward
+  // zeroes the NaN that logsumexp's backward makes of an all -inf row.
+  const at::Tensor log_pos_M =
+      at::logsumexp(sim_MM.masked_fill(positive_MM.logical_not(), neg_inf), {1});
   const at::Tensor loss_M =
       at::where(has_positive_M, log_all_M - log_pos_M, at::zeros_like(log_all_M));
   const at::Tensor num_anchors = has_positive_M.sum().clamp_min(1).to(emb_MD.scalar_type());

@@ -130,7 +130,7 @@ std::vector<NamedTensor> CausalLM::trainable_parameters() const {
   return out;
 }
 
-void CausalLM::init_base_random(const at::Generator& gen, double std) {
+void CausalLM::init_base_random(const at::Generator& gen) {
   at::NoGradGuard no_grad;
   for_each_base_parameter([&](const std::string& name, at::Tensor& param) {
     at::Tensor value = at::empty(param.sizes(), at::kFloat);
@@ -138,7 +138,8 @@ void CausalLM::init_base_random(const at::Generator& gen, double std) {
     const bool is_bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
     if (is_norm) value.fill_(1.0);
     else if (is_bias) value.zero_();
-    else value.normal_(0.0, std, gen);
+    else if (name == "model.embed_tokens.weight") value.normal_(0.0, 1.0, gen);
+    else value.normal_(0.0, 1.0 / std::sqrt(static_cast<double>(param.size(-1))), gen);
     param = value.to(param.options());
   });
 }

@@ -87,9 +87,11 @@ class CausalLM {
   // `model.layers.0.self_attn.q_proj.moe_gate.weight`, ...
   std::vector<NamedTensor> trainable_parameters() const;
 
-  // Fills the frozen base deterministically from `gen`: linear and embedding weights
-  // N(0, std), biases zero, norm weights one (synthetic models and benchmarks).
-  void init_base_random(const at::Generator& gen, double std = 0.02);
+  // Fills the frozen base deterministically from `gen` (synthetic models and benchmarks):
+  // embeddings N(0, 1), linear weights and the LM head N(0, 1/in_features) so activations and
+  // logits stay O(1) (a random head of std 0.02 could not express a confident prediction through
+  // the final RMSNorm), biases zero, norm weights one.
+  void init_base_random(const at::Generator& gen);
 
   // Attach freshly initialised LoRA to the linears whose short name (q_proj, ...) is listed.
   void init_lora(const std::vector<std::string>& target_modules, const LoraOptions& options,

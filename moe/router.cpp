@@ -114,7 +114,7 @@ at::Tensor normalized_tsallis_entropy(const at::Tensor& probs_TE, double q) {
 namespace {
 
 // C = ceil(T/E * capacity_factor). A product that lands a rounding error above an integer (e.g.
-// 10/3 * 1.2) still means that integer.
+// 25/3 * 1.8 = 15.000000000000002) still means that integer.
 int64_t expert_capacity(int64_t num_tokens, int64_t num_experts, double capacity_factor) {
   const double c = static_cast<double>(num_tokens) / static_cast<double>(num_experts) *
                    capacity_factor;

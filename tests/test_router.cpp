@@ -205,6 +205,11 @@ TEST(RouterTopP, TopPOneKeepsAllAndADominantExpertStandsAlone) {
   logits[4][2] = -30.0;  // a tiny probability is still selected at top_p = 1
   moe::RouterOutput out = moe::route(logits, o);
   EXPECT_EQ(out.routing.token_N.numel(), 9 * 6);
+  // Found by search: here the float cumulative sum of the first four sorted p is 1.0000001
+  // (x86-64, LibTorch 1.13), which must not drop the fifth expert.
+  logits = at::tensor({-1.25f, -1.0f, 0.0f, -1.5f, -40.0f}).view({1, 5});
+  out = moe::route(logits, o);
+  EXPECT_EQ(to_vector(out.routing.expert_N), (std::vector<int64_t>{2, 1, 0, 3, 4}));
 
   o.top_p = 0.75;
   const Rows p = {{0.01, 0.97, 0.01, 0.01}, {0.25, 0.25, 0.25, 0.25}};
@@ -243,9 +248,11 @@ TEST(RouterSwitch, CapacityRoundsUp) {
     double capacity_factor;
     int64_t capacity;
   };
-  // 10/3 * 1.2 = 4 exactly but 4.000000000000001 in double: still C = 4.
+  // 25/3 * 1.8 = 15 and 50/11 * 1.1 = 5, but 15.000000000000002 and 5.000000000000001 in double:
+  // still C = 15 and 5.
   for (const Case& c : {Case{5, 2, 1.0, 3}, Case{5, 2, 0.5, 2}, Case{4, 2, 1.25, 3},
-                        Case{10, 3, 1.2, 4}, Case{7, 4, 1.0, 2}, Case{1, 8, 1.0, 1}}) {
+                        Case{7, 4, 1.0, 2}, Case{1, 8, 1.0, 1}, Case{25, 3, 1.8, 15},
+                        Case{50, 11, 1.1, 5}}) {
     // Every token prefers expert 0, so exactly C tokens (the first ones) are kept.
     at::Tensor logits = at::zeros({c.num_tokens, c.num_experts});
     logits.select(1, 0).fill_(3.0);
@@ -294,6 +301,21 @@ TEST(RouterDynMole, EntropyAboveThresholdUsesEveryExpert) {
   o.entropy_threshold = 1.0;
   EXPECT_EQ(to_vector(moe::route(logits_of({p[0]}), o).routing.expert_N),
             (std::vector<int64_t>{0}));
+}
+
+TEST(RouterDynMole, EntropyEqualToTheThresholdIsNotAbove) {
+  // q = 2, uniform p over 4 experts: S = (1 - 4/16) / (1 - 1/4) = 1, exact in float32.
+  moe::RouterOptions o = options_for(RoutingStrategy::kDynMole);
+  o.entropy_q = 2.0;
+  o.top_p = 0.1;
+  o.keep_top_k = 1;
+  o.entropy_threshold = 1.0;
+  moe::RouterOutput out = moe::route(at::zeros({1, 4}), o);
+  ASSERT_EQ(moe::normalized_tsallis_entropy(out.probs_TE, 2.0).item<float>(), 1.0f);
+  EXPECT_EQ(to_vector(out.routing.expert_N), (std::vector<int64_t>{0}));
+  o.entropy_threshold = 0.9999;
+  EXPECT_EQ(to_vector(moe::route(at::zeros({1, 4}), o).routing.expert_N),
+            (std::vector<int64_t>{0, 1, 2, 3}));
 }
 
 TEST(RouterDynMole, ShannonBranchAtQOne) {
@@ -520,6 +542,21 @@ TEST(TsallisEntropy, UniformIsOneAndOneHotIsZero) {
   }
   // One expert: zero.
   EXPECT_EQ(moe::normalized_tsallis_entropy(at::ones({2, 1}), 1.1).sum().item<double>(), 0.0);
+}
+
+TEST(TsallisEntropy, StaysInTheUnitIntervalDespiteRounding) {
+  // Uniform and one-hot float32 rows sit on the bounds, where rounding could step outside.
+  for (double q : {0.3, 0.5, 1.0, 1.1, 1.5, 2.0, 3.0}) {
+    for (int64_t e = 2; e <= 40; ++e) {
+      at::Tensor uniform = at::softmax(at::zeros({1, e}), 1);
+      at::Tensor one_hot = at::softmax(at::eye(e) * 200.0, 1);
+      for (const at::Tensor& p : {uniform, one_hot}) {
+        at::Tensor s = moe::normalized_tsallis_entropy(p, q);
+        EXPECT_GE(s.min().item<float>(), 0.0f) << "q " << q << " E " << e;
+        EXPECT_LE(s.max().item<float>(), 1.0f) << "q " << q << " E " << e;
+      }
+    }
+  }
 }
 
 TEST(TsallisEntropy, HandValues) {

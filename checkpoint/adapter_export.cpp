@@ -1,0 +1,168 @@
+// Adapter and model export (see adapter_export.h).
+#include "checkpoint/adapter_export.h"
+
+#include <ATen/ATen.h>
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "checkpoint/safetensors.h"
+#include "kernels/check.h"
+
+namespace mole::ckpt {
+namespace {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+void write_json(const std::string& path, const json& value) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp);
+    MOLE_CHECK(out.good(), "cannot write '", path, "'");
+    out << value.dump(2) << "\n";
+    MOLE_CHECK(out.good(), "cannot write '", path, "'");
+  }
+  fs::rename(tmp, path);
+}
+
+const char* peft_type(moe::Method method) {
+  switch (method) {
+    case moe::Method::kMixLora: return "MIXLORA";
+    case moe::Method::kMola: return "MOLA";
+    case moe::Method::kDynMole: return "DYNMOLE";
+    case moe::Method::kMoeLora: return "MOELORA";
+    case moe::Method::kLoraMoe: return "LORAMOE";
+    default: return "LORA";
+  }
+}
+
+json router_json(const moe::RouterOptions& r) {
+  return {{"strategy", moe::routing_strategy_name(r.strategy)}, {"top_k", r.top_k},
+          {"top_p", r.top_p}, {"jitter_noise", r.jitter_noise},
+          {"capacity_factor", r.capacity_factor}, {"entropy_q", r.entropy_q},
+          {"entropy_threshold", r.entropy_threshold}, {"keep_top_k", r.keep_top_k}};
+}
+
+void add_experts(std::vector<std::pair<std::string, at::Tensor>>& out, const std::string& prefix,
+                 const moe::ExpertLora& lora) {
+  for (int64_t e = 0; e < lora.num_experts(); ++e) {
+    const std::string p = prefix + ".experts." + std::to_string(e);
+    out.emplace_back(p + ".lora_A.weight", lora.a_ErI[e].detach().contiguous());
+    out.emplace_back(p + ".lora_B.weight", lora.b_EOr[e].detach().contiguous());
+  }
+}
+
+}  // namespace
+
+void save_adapter(const moe::CausalLM& model, const moe::AdapterSpec& spec, const std::string& dir,
+                  const std::string& base_model) {
+  fs::create_directories(dir);
+  auto& m = const_cast<moe::CausalLM&>(model);
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  json config = {{"peft_type", peft_type(spec.method)}, {"task_type", "CAUSAL_LM"},
+                 {"base_model_name_or_path", base_model}, {"bias", "none"},
+                 {"r", spec.lora.r}, {"lora_alpha", spec.lora.alpha},
+                 {"lora_dropout", spec.lora.dropout}, {"use_rslora", spec.lora.rslora},
+                 {"use_dora", false}, {"target_modules", spec.target_modules}};
+  if (spec.method == moe::Method::kLora) {
+    config.update({{"fan_in_fan_out", false}, {"inference_mode", true},
+                   {"modules_to_save", nullptr}, {"init_lora_weights", true}});
+    for (const auto& [name, t] : model.lora_parameters()) {
+      tensors.emplace_back("base_model.model." + name, t.detach().contiguous());
+    }
+  } else {
+    const std::string prefix = moe::method_name(spec.method);
+    const bool uniform = std::all_of(spec.experts_per_layer.begin(), spec.experts_per_layer.end(),
+                                     [&](int64_t e) { return e == spec.experts_per_layer.front(); });
+    config["num_experts"] = uniform ? json(spec.experts_per_layer.front()) : json(spec.experts_per_layer);
+    config["act_fn"] = "silu";
+    config["router_init_range"] = spec.router_init_range;
+    config["router_aux_loss_coef"] = spec.aux.load_balance_coef;
+    config["jitter_noise"] = spec.router.jitter_noise;
+    config["mole_router"] = router_json(spec.router);
+    config["expert_lora"] = {{"r", spec.expert_lora.r}, {"lora_alpha", spec.expert_lora.alpha},
+                             {"lora_dropout", spec.expert_lora.dropout}};
+    switch (spec.method) {
+      case moe::Method::kMixLora:
+        if (spec.router.strategy == moe::RoutingStrategy::kTopP) {
+          config.update({{"routing_strategy", "mixlora-dynamic"}, {"top_p", spec.router.top_p},
+                         {"temperature", 0.0}});
+        } else if (spec.router.strategy == moe::RoutingStrategy::kSwitch) {
+          config["routing_strategy"] = "mixlora-switch";
+        } else {
+          config.update({{"routing_strategy", "mixlora"}, {"top_k", spec.router.top_k}});
+        }
+        break;
+      case moe::Method::kDynMole:
+        config.update({{"routing_strategy", "dynmole"}, {"top_p", spec.router.top_p},
+                       {"keep_top_k", spec.router.keep_top_k},
+                       {"entropy_threshold", spec.router.entropy_threshold},
+                       {"entropy_index", spec.router.entropy_q},
+                       {"router_dyn_loss_coef", spec.aux.entropy_coef}});
+        break;
+      default:
+        config.update({{"routing_strategy", prefix}, {"top_k", spec.router.top_k}});
+        break;
+    }
+    for (int64_t i = 0; i < model.num_layers(); ++i) {
+      moe::DecoderLayer& layer = m.layer(i);
+      const std::string lp = prefix + ".layers." + std::to_string(i) + ".";
+      for (const std::string& name : moe::linear_names()) {
+        const auto& lora = layer.linear(name).lora();
+        if (lora) {
+          tensors.emplace_back(lp + name + ".lora_A.weight", lora->a_rI.detach().contiguous());
+          tensors.emplace_back(lp + name + ".lora_B.weight", lora->b_Or.detach().contiguous());
+        }
+        auto site = layer.linear_sites.find(name);
+        if (site != layer.linear_sites.end()) {
+          tensors.emplace_back(lp + name + ".moe_gate.weight", site->second->router_weight().detach());
+          add_experts(tensors, lp + name, site->second->experts());
+        }
+      }
+      if (layer.ffn_site) {
+        tensors.emplace_back(lp + "mlp.moe_gate.weight", layer.ffn_site->router_weight().detach());
+        add_experts(tensors, lp + "mlp.gate_proj", layer.ffn_site->gate());
+        add_experts(tensors, lp + "mlp.up_proj", layer.ffn_site->up());
+        add_experts(tensors, lp + "mlp.down_proj", layer.ffn_site->down());
+      }
+    }
+  }
+  MOLE_CHECK(!tensors.empty(), "save_adapter: the model carries no adapter weights");
+  st::save_file(dir + "/adapter_model.safetensors", tensors, {{"format", "pt"}});
+  write_json(dir + "/adapter_config.json", config);
+  spdlog::info("wrote {} adapter ({} tensors) to {}", peft_type(spec.method), tensors.size(), dir);
+}
+
+void save_hf_model(moe::CausalLM& model, const std::string& dir) {
+  fs::create_directories(dir);
+  const moe::ModelConfig& c = model.config();
+  MOLE_CHECK(c.rope.type == "default", "save_hf_model: only default RoPE is written");
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  model.for_each_base_parameter([&](const std::string& name, at::Tensor& t) {
+    tensors.emplace_back(name, t.detach());
+  });
+  st::save_file(dir + "/model.safetensors", tensors, {{"format", "pt"}});
+  json config = {{"architectures", {"LlamaForCausalLM"}},
+                 {"model_type", "llama"},
+                 {"vocab_size", c.vocab_size},
+                 {"hidden_size", c.hidden_size},
+                 {"intermediate_size", c.intermediate_size},
+                 {"num_hidden_layers", c.num_layers},
+                 {"num_attention_heads", c.num_heads},
+                 {"num_key_value_heads", c.num_kv_heads},
+                 {"head_dim", c.head_dim},
+                 {"rms_norm_eps", c.rms_norm_eps},
+                 {"rope_theta", c.rope.theta},
+                 {"hidden_act", "silu"},
+                 {"attention_bias", c.qkv_bias},
+                 {"mlp_bias", c.mlp_bias},
+                 {"tie_word_embeddings", c.tie_word_embeddings},
+                 {"max_position_embeddings", c.max_position_embeddings},
+                 {"torch_dtype", model.options().dtype() == at::kBFloat16 ? "bfloat16" : "float32"}};
+  write_json(dir + "/config.json", config);
+}
+
+}  // namespace mole::ckpt

@@ -1,0 +1,25 @@
+// Adapters out: PEFT layout for plain LoRA, MoE-PEFT layout for the MoE-LoRA methods
+// (adapter_config.json + adapter_model.safetensors), so that Python users can load them and
+// `mole forward --adapter` reproduces the model that wrote them.
+#pragma once
+
+#include <string>
+
+#include "moe/adapter.h"
+#include "moe/llama.h"
+
+namespace mole::ckpt {
+
+// Writes the adapter of `model` described by `spec` into `dir` (created if missing). Plain LoRA
+// goes to PEFT's layout; mixlora / mola / dynmole / loramoe to MoE-PEFT's (peft_type MIXLORA,
+// MOLA, DYNMOLE, LORAMOE) and moelora to the same layout with peft_type MOELORA. Router settings
+// MoE-PEFT has no field for are kept under "mole_router" so that a reload is exact.
+// `base_model` is recorded as base_model_name_or_path.
+void save_adapter(const moe::CausalLM& model, const moe::AdapterSpec& spec, const std::string& dir,
+                  const std::string& base_model);
+
+// Writes `model`'s frozen weights and a transformers-readable config.json (model_type llama)
+// into `dir`: a Hugging Face folder that `load_model` and transformers can read.
+void save_hf_model(moe::CausalLM& model, const std::string& dir);
+
+}  // namespace mole::ckpt

@@ -1,0 +1,109 @@
+// The training data pipeline: tokenizers, JSONL datasets (alpaca, prompt/response, pre-tokenised),
+// the built-in synthetic multi-task dataset, and a deterministic loader that cuts every global
+// batch into per-rank micro-batches and can save and restore its position.
+//
+// Legend: B micro-batch, S sequence.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace mole::launch {
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  virtual std::vector<int64_t> encode(const std::string& text) const = 0;  // no bos/eos added
+  virtual std::string decode(const std::vector<int64_t>& ids) const = 0;
+  virtual int64_t vocab_size() const = 0;
+  virtual int64_t bos_id() const = 0;  // -1 when the tokenizer has none
+  virtual int64_t eos_id() const = 0;
+  virtual int64_t pad_id() const = 0;  // padding positions also get label -100
+};
+
+// "byte": UTF-8 bytes as ids 3..258 with pad 0, bos 1, eos 2 (vocab 259), for the built-in demo.
+// Otherwise a sentencepiece model file (`tokenizer.model` of LLaMA-2-style models), or a folder
+// holding one. Errors name the path.
+std::unique_ptr<Tokenizer> make_tokenizer(const std::string& spec);
+
+struct Example {
+  std::vector<int64_t> input_ids;  // bos + prompt + response + eos, truncated to seq_len
+  std::vector<int64_t> labels;     // -100 on the prompt (and bos), the token ids elsewhere
+};
+
+struct DataOptions {
+  std::string path;              // a .jsonl file or "synthetic:multitask"
+  std::string format = "alpaca";  // alpaca | prompt_response | tokens
+  int64_t seq_len = 512;
+  uint64_t seed = 42;            // synthetic generation
+  int64_t synthetic_examples = 4096;
+};
+
+struct DatasetStats {
+  int64_t examples = 0;
+  int64_t truncated = 0;       // examples longer than seq_len, cut to it
+  int64_t dropped = 0;         // examples with no target token left after truncation
+};
+
+// Loads and tokenises every example. JSONL: one JSON object per line; blank lines skipped;
+// alpaca {instruction, input?, output}; prompt_response {prompt, response}; tokens
+// {input_ids, labels?} (labels default to input_ids). Errors name the file and the 1-based line
+// (bad JSON, missing or wrongly typed field, token id outside the vocabulary); an empty file or
+// one with no usable example is an error.
+std::vector<Example> load_dataset(const DataOptions& options, const Tokenizer& tokenizer,
+                                  DatasetStats* stats = nullptr);
+
+// The built-in multi-task data: several string transformations selected by a task tag in the
+// prompt (e.g. "reverse: abc" -> "cba"), different enough that routing matters. Deterministic
+// from `seed`.
+std::vector<std::pair<std::string, std::string>> synthetic_multitask(int64_t count, uint64_t seed);
+
+struct MicroBatch {
+  at::Tensor input_ids_BS;  // int64, right-padded with the pad id
+  at::Tensor labels_BS;     // int64, -100 on prompts and padding
+  at::Tensor valid_BS;      // bool, real (non-padding) tokens
+  int64_t num_target_tokens = 0;  // labels != -100 after the one-token shift
+};
+
+struct StepBatch {
+  std::vector<MicroBatch> micro_batches;  // this rank's, in accumulation order
+  int64_t global_target_tokens = 0;  // over the whole global batch, all ranks (no communication)
+  int64_t epoch = 0;
+};
+
+struct LoaderCursor {
+  int64_t epoch = 0;
+  int64_t position = 0;  // examples of this epoch's order already consumed (global)
+};
+
+// Every optimizer step consumes `global_batch` examples of a seeded per-epoch shuffle (epochs
+// wrap around). Micro-batch j (of accumulation) on rank r holds the examples
+// [(j * world + r) * micro_batch, +micro_batch) of the global batch, so that ranks read disjoint,
+// deterministic shards.
+class DataLoader {
+ public:
+  DataLoader(std::vector<Example> examples, int64_t micro_batch, int64_t global_batch, int64_t rank,
+             int64_t world, uint64_t seed, int64_t pad_id);
+  StepBatch next();
+  LoaderCursor cursor() const { return cursor_; }
+  void restore(const LoaderCursor& cursor);
+  int64_t accumulation_steps() const { return accumulation_; }
+  int64_t size() const { return static_cast<int64_t>(examples_.size()); }
+
+ private:
+  std::vector<int64_t> order(int64_t epoch) const;
+  std::vector<Example> examples_;
+  int64_t micro_batch_, global_batch_, rank_, world_, accumulation_;
+  uint64_t seed_;
+  int64_t pad_id_;
+  LoaderCursor cursor_;
+};
+
+// Right-pads examples into one micro-batch.
+MicroBatch collate(const std::vector<const Example*>& examples, int64_t pad_id);
+
+}  // namespace mole::launch

@@ -1,0 +1,95 @@
+// `mole train`: builds the model, adapter, data and optimizer from a Config and runs the training
+// loop, logging on rank 0 and writing the adapter (and, for a synthetic base, the base model) into
+// the run folder at the end.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "launch/config.h"
+#include "launch/data.h"
+#include "moe/adapter.h"
+#include "moe/llama.h"
+
+namespace CLI {
+class App;
+}
+
+namespace mole::launch {
+
+struct TrainSummary {
+  int64_t steps = 0;
+  int64_t skipped_steps = 0;
+  double first_loss = 0.0;  // LM loss of the first step
+  double last_loss = 0.0;   // LM loss of the last step
+  double wall_s = 0.0;
+  double tokens_per_s = 0.0;  // target tokens per second over the whole run
+  double eval_loss = 0.0;     // last evaluation (NaN when none)
+  double eval_accuracy = 0.0;
+  std::string run_dir;
+};
+
+// What one optimizer step did.
+struct StepResult {
+  int64_t step = 0;        // 0-based index of the step
+  double loss = 0.0;       // LM loss (normalised by the global target-token count)
+  double aux_loss = 0.0;   // sum of the weighted auxiliary losses (mean over micro-batches)
+  double lr = 0.0;
+  double grad_norm = 0.0;  // before clipping
+  bool skipped = false;    // non-finite loss or gradient: no update
+  int64_t tokens = 0;      // real (non-padding) tokens processed
+  int64_t target_tokens = 0;
+};
+
+// The parts of a run, built from a Config, in the order the training step needs them.
+class Trainer {
+ public:
+  explicit Trainer(Config config);
+  ~Trainer();
+  // Every step, logging, evaluation, and the adapter written at the end.
+  TrainSummary run();
+  // One optimizer step: accumulate_gradients() then apply_update(). Throws after
+  // train.max_bad_steps consecutive non-finite steps.
+  StepResult step();
+  // Forward and backward over this rank's micro-batches of the next global batch; the gradients
+  // of the trainable tensors hold the gradient of the step's loss afterwards.
+  StepResult accumulate_gradients();
+  // Checks the gradients for non-finite values (skipping the update if any), clips, and updates.
+  void apply_update(StepResult& result);
+
+  const Config& config() const { return config_; }
+  moe::CausalLM& model() { return *model_; }
+  const moe::AdapterSpec& adapter() const { return spec_; }
+  const Tokenizer& tokenizer() const { return *tokenizer_; }
+
+ private:
+  struct Impl;
+  Config config_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::unique_ptr<moe::CausalLM> model_;
+  moe::AdapterSpec spec_;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Loss and next-token accuracy on response tokens (labels != -100) of `examples`.
+struct EvalResult {
+  double loss = 0.0;
+  double accuracy = 0.0;
+  int64_t tokens = 0;
+};
+EvalResult evaluate(const moe::CausalLM& model, const std::vector<Example>& examples,
+                    int64_t micro_batch, int64_t pad_id);
+
+// The built-in synthetic base: a small LLaMA-architecture model with `vocab` entries, weights
+// drawn deterministically from `seed`.
+moe::ModelConfig synthetic_tiny_config(int64_t vocab);
+
+struct TrainOptions {
+  std::string config_path;
+  std::vector<std::string> overrides;
+};
+void add_train_command(CLI::App& app, TrainOptions& options);
+void run_train(const TrainOptions& options);
+
+}  // namespace mole::launch

@@ -1,0 +1,173 @@
+// Training config: defaults, the example file, every error naming its key, --set overrides, and
+// the resolved YAML round trip. Optimizer and schedules against hand-computed values.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "kernels/check.h"
+#include "launch/config.h"
+#include "launch/optimizer.h"
+#include "tests/test_util.h"
+
+namespace mole {
+namespace {
+
+using launch::Config;
+
+std::string error_of(const std::string& yaml, const std::vector<std::string>& sets = {}) {
+  try {
+    launch::parse_config(yaml, "run.yaml", sets);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+TEST(Config, DefaultsForEveryKey) {
+  Config c = launch::parse_config("", "run.yaml");
+  EXPECT_EQ(c.name, "demo");
+  EXPECT_EQ(c.model.base, "synthetic:tiny");
+  EXPECT_EQ(c.adapter.method, "lora");
+  EXPECT_EQ(c.adapter.r, 16);
+  EXPECT_DOUBLE_EQ(c.adapter.alpha, 32.0);
+  EXPECT_EQ(c.adapter.target_modules.size(), 7u);
+  EXPECT_EQ(c.data.train, "synthetic:multitask");
+  EXPECT_EQ(c.train.micro_batch, 8);
+  EXPECT_EQ(c.train.global_batch, 32);
+  EXPECT_DOUBLE_EQ(c.train.lr, 2e-4);
+  EXPECT_EQ(c.parallel.dispatch, "auto");
+  EXPECT_EQ(c.log.dir, "runs/demo");
+  EXPECT_EQ(c.log.every, 10);
+}
+
+TEST(Config, ExampleFileParses) {
+  Config c = launch::load_config(std::string(MOLE_SOURCE_DIR) + "/examples/demo-mixlora.yaml");
+  EXPECT_EQ(c.adapter.method, "mixlora");
+  EXPECT_EQ(c.adapter.experts, 4);
+  EXPECT_EQ(c.adapter.router.top_k, 2);
+}
+
+TEST(Config, ExpertsAsCountListOrPattern) {
+  EXPECT_EQ(launch::parse_config("adapter: {experts: 6}", "r").adapter.experts, 6);
+  EXPECT_EQ(launch::parse_config("adapter: {experts: [2, 4]}", "r").adapter.experts_list,
+            (std::vector<int64_t>{2, 4}));
+  EXPECT_EQ(launch::parse_config("adapter: {experts: \"2,4,6,8\"}", "r").adapter.experts_pattern,
+            "2,4,6,8");
+  EXPECT_NE(error_of("adapter: {experts: [2, x]}").find("'adapter.experts' list must hold integers"),
+            std::string::npos);
+}
+
+TEST(Config, ErrorsNameTheKeyAndTheAllowedValues) {
+  EXPECT_NE(error_of("adapter: {rank: 8}").find("unknown key 'adapter.rank'"), std::string::npos);
+  EXPECT_NE(error_of("adapter: {rank: 8}").find("r, alpha"), std::string::npos);
+  EXPECT_NE(error_of("trian: {steps: 1}").find("unknown key 'trian'"), std::string::npos);
+  EXPECT_NE(error_of("adapter: {router: {topk: 1}}").find("unknown key 'adapter.router.topk'"),
+            std::string::npos);
+  EXPECT_NE(error_of("adapter: {method: moex}")
+                .find("'adapter.method' is 'moex'; allowed: lora, mixlora, mola, dynmole, moelora"),
+            std::string::npos);
+  EXPECT_NE(error_of("train: {steps: many}").find("'train.steps' must be an integer, got 'many'"),
+            std::string::npos);
+  EXPECT_NE(error_of("train: {steps: 0}").find("'train.steps' must be positive"), std::string::npos);
+  EXPECT_NE(error_of("adapter: {dropout: 1.5}").find("'adapter.dropout' must be in [0, 1)"),
+            std::string::npos);
+  EXPECT_NE(error_of("train: {schedule: step}").find("allowed: constant, linear, cosine"),
+            std::string::npos);
+  EXPECT_NE(error_of("train: {warmup: 500, steps: 100}").find("'train.warmup'"), std::string::npos);
+  EXPECT_NE(error_of("model: [1, 2]").find("'model' must be a mapping"), std::string::npos);
+  EXPECT_NE(error_of("a: [").find("run.yaml: not valid YAML"), std::string::npos);
+  EXPECT_NE(error_of("adapter: {dora: true}").find("DoRA"), std::string::npos);
+  EXPECT_NE(error_of("parallel: {zero: 3}").find("'parallel.zero' must be 0, 1 or 2"),
+            std::string::npos);
+}
+
+TEST(Config, SetOverridesApplyBeforeValidation) {
+  Config c = launch::parse_config("train: {steps: 10}", "r",
+                                  {"train.steps=5", "adapter.router.top_k=1", "name=x",
+                                   "adapter.target_modules=[q_proj, v_proj]"});
+  EXPECT_EQ(c.train.steps, 5);
+  EXPECT_EQ(c.adapter.router.top_k, 1);
+  EXPECT_EQ(c.log.dir, "runs/x");
+  EXPECT_EQ(c.adapter.target_modules, (std::vector<std::string>{"q_proj", "v_proj"}));
+  EXPECT_NE(error_of("", {"train.stepz=5"}).find("unknown key 'train.stepz'"), std::string::npos);
+  EXPECT_NE(error_of("", {"train.steps"}).find("expected key=value"), std::string::npos);
+  EXPECT_NE(error_of("", {"train.steps=-1"}).find("'train.steps' must be positive"), std::string::npos);
+}
+
+TEST(Config, ResolvedYamlRoundTrips) {
+  Config c = launch::parse_config(
+      "name: t\nadapter: {method: mola, experts: \"2,4\", router: {top_k: 1}}\ntrain: {lr: 1.0e-3}",
+      "r");
+  const std::string yaml = launch::to_yaml(c);
+  Config again = launch::parse_config(yaml, "resolved.yaml");
+  EXPECT_EQ(launch::to_yaml(again), yaml);
+  EXPECT_EQ(again.adapter.experts_pattern, "2,4");
+  EXPECT_DOUBLE_EQ(again.train.lr, 1e-3);
+}
+
+TEST(Optimizer, AdamWMatchesHandComputedSteps) {
+  at::Tensor a = at::tensor({1.0f, -2.0f}).requires_grad_(true);
+  at::Tensor b = at::tensor({0.5f}).requires_grad_(true);
+  launch::AdamWOptions opts;
+  opts.weight_decay = 0.1;
+  opts.lora_plus_ratio = 4.0;
+  launch::AdamW adam({{"x.lora_A.weight", a}, {"x.lora_B.weight", b}}, opts);
+  // Hand-run the same two steps in double.
+  double pa[2] = {1.0, -2.0}, pb = 0.5, ma[2] = {0, 0}, va[2] = {0, 0}, mb = 0, vb = 0;
+  const double ga[2][2] = {{0.1, -0.2}, {0.3, 0.05}}, gb[2] = {-1.0, 2.0}, lr = 0.01;
+  for (int t = 1; t <= 2; ++t) {
+    a.mutable_grad() = at::tensor({static_cast<float>(ga[t - 1][0]), static_cast<float>(ga[t - 1][1])});
+    b.mutable_grad() = at::tensor({static_cast<float>(gb[t - 1])});
+    adam.step(lr);
+    const double c1 = 1 - std::pow(0.9, t), c2 = 1 - std::pow(0.999, t);
+    for (int i = 0; i < 2; ++i) {
+      pa[i] *= 1 - lr * 0.1;
+      ma[i] = 0.9 * ma[i] + 0.1 * ga[t - 1][i];
+      va[i] = 0.999 * va[i] + 0.001 * ga[t - 1][i] * ga[t - 1][i];
+      pa[i] -= lr * (ma[i] / c1) / (std::sqrt(va[i] / c2) + 1e-8);
+    }
+    const double lrb = lr * 4.0;
+    pb *= 1 - lrb * 0.1;
+    mb = 0.9 * mb + 0.1 * gb[t - 1];
+    vb = 0.999 * vb + 0.001 * gb[t - 1] * gb[t - 1];
+    pb -= lrb * (mb / c1) / (std::sqrt(vb / c2) + 1e-8);
+  }
+  EXPECT_NEAR(a[0].item<double>(), pa[0], 1e-6);
+  EXPECT_NEAR(a[1].item<double>(), pa[1], 1e-6);
+  EXPECT_NEAR(b[0].item<double>(), pb, 1e-6);
+  EXPECT_EQ(adam.steps_taken(), 2);
+}
+
+TEST(Optimizer, SchedulesByHand) {
+  using launch::learning_rate;
+  EXPECT_DOUBLE_EQ(learning_rate("constant", 1.0, 0, 4, 10), 0.25);
+  EXPECT_DOUBLE_EQ(learning_rate("constant", 1.0, 3, 4, 10), 1.0);
+  EXPECT_DOUBLE_EQ(learning_rate("constant", 1.0, 9, 4, 10), 1.0);
+  EXPECT_DOUBLE_EQ(learning_rate("linear", 1.0, 4, 4, 10), 1.0);
+  EXPECT_DOUBLE_EQ(learning_rate("linear", 1.0, 7, 4, 10), 0.5);
+  EXPECT_DOUBLE_EQ(learning_rate("linear", 2.0, 0, 0, 4), 2.0);
+  EXPECT_DOUBLE_EQ(learning_rate("linear", 2.0, 3, 0, 4), 0.5);
+  EXPECT_NEAR(learning_rate("cosine", 1.0, 7, 4, 10), 0.5, 1e-12);  // progress 1/2
+  EXPECT_NEAR(learning_rate("cosine", 1.0, 5, 4, 10), 0.5 * (1 + std::cos(M_PI / 6)), 1e-12);
+  EXPECT_THROW(learning_rate("step", 1.0, 5, 0, 10), Error);
+}
+
+TEST(Optimizer, GlobalNormAndClipping) {
+  at::Tensor a = at::zeros({2}).requires_grad_(true), b = at::zeros({1}).requires_grad_(true);
+  a.mutable_grad() = at::tensor({3.0f, 0.0f});
+  b.mutable_grad() = at::tensor({4.0f});
+  std::vector<moe::NamedTensor> params = {{"a", a}, {"b", b}};
+  const double norm = launch::global_grad_norm(params);
+  EXPECT_DOUBLE_EQ(norm, 5.0);
+  launch::clip_grad_norm(params, 1.0, norm);
+  EXPECT_NEAR(launch::global_grad_norm(params), 1.0, 1e-6);
+  EXPECT_NEAR(b.grad()[0].item<double>(), 0.8, 1e-6);
+  launch::clip_grad_norm(params, 10.0, 1.0);  // below the limit: unchanged
+  EXPECT_NEAR(b.grad()[0].item<double>(), 0.8, 1e-6);
+  b.mutable_grad() = at::tensor({std::nanf("")});
+  EXPECT_FALSE(std::isfinite(launch::global_grad_norm(params)));
+}
+
+}  // namespace
+}  // namespace mole

@@ -1,0 +1,202 @@
+// The trainer end to end on the synthetic model: gradient-accumulation equivalence for the LM
+// loss, non-finite step detection, well-formed metrics.jsonl and TensorBoard files, export ->
+// reload parity through `mole forward`, and the demo config's loss falling.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include "checkpoint/safetensors.h"
+#include "kernels/check.h"
+#include "launch/metrics_log.h"
+#include "launch/trainer.h"
+#include "tests/test_util.h"
+
+namespace mole {
+namespace {
+
+namespace fs = std::filesystem;
+
+// A small, fast run of the synthetic model writing into `dir`.
+launch::Config small_config(const std::string& dir, const std::string& extra = "") {
+  return launch::parse_config(
+      "name: t\n"
+      "adapter: {method: lora, r: 4, alpha: 8, dropout: 0.0, experts: 4}\n"
+      "data: {seq_len: 40, synthetic_examples: 64}\n"
+      "train: {steps: 3, micro_batch: 4, global_batch: 4, lr: 1.0e-2, seed: 7}\n"
+      "log: {every: 1, dir: " + dir + "}\n" + extra,
+      "test.yaml");
+}
+
+launch::Config with(launch::Config c, const std::vector<std::string>& sets) {
+  return launch::parse_config(launch::to_yaml(c), "test.yaml", sets);
+}
+
+TEST(Trainer, AccumulationMatchesOneLargeMicroBatch) {
+  test::TempDir dir;
+  // Prompt masking is on (prompt tokens are -100); the LM loss is normalised by the global
+  // target-token count, so 2 x 2 accumulation must reproduce one micro-batch of 4.
+  launch::Trainer big(small_config(dir.file("big")));
+  launch::Trainer split(with(small_config(dir.file("split")), {"train.micro_batch=2"}));
+  for (int s = 0; s < 3; ++s) {
+    launch::StepResult a = big.accumulate_gradients(), b = split.accumulate_gradients();
+    EXPECT_NEAR(a.loss, b.loss, 1e-6 * std::abs(a.loss)) << "step " << s;
+    EXPECT_EQ(a.target_tokens, b.target_tokens);
+    if (s == 0) {
+      // Same weights, same global batch: the same gradient of every trainable tensor.
+      auto pa = big.model().trainable_parameters(), pb = split.model().trainable_parameters();
+      ASSERT_EQ(pa.size(), pb.size());
+      for (size_t i = 0; i < pa.size(); ++i) {
+        EXPECT_LT(test::rel_error(pb[i].second.grad(), pa[i].second.grad()), 1e-5) << pa[i].first;
+      }
+    }
+    big.apply_update(a);
+    split.apply_update(b);
+    EXPECT_NEAR(a.grad_norm, b.grad_norm, 1e-5 * a.grad_norm) << "step " << s;
+  }
+}
+
+TEST(Trainer, NonFiniteStepsAreSkippedThenStop) {
+  test::TempDir dir;
+  launch::Trainer t(with(small_config(dir.path()), {"train.max_bad_steps=2"}));
+  EXPECT_FALSE(t.step().skipped);
+  at::Tensor b = t.model().trainable_parameters()[1].second;  // a lora_B
+  ASSERT_NE(t.model().trainable_parameters()[1].first.find("lora_B"), std::string::npos);
+  at::Tensor saved = b.detach().clone();
+  {
+    at::NoGradGuard no_grad;
+    b[0][0] = std::nanf("");
+  }
+  launch::StepResult bad = t.step();
+  EXPECT_TRUE(bad.skipped);
+  EXPECT_TRUE(std::isnan(b[0][0].item<float>())) << "a skipped step must not update";
+  {
+    at::NoGradGuard no_grad;
+    b.copy_(saved);
+  }
+  EXPECT_FALSE(t.step().skipped);  // recovered: the counter of consecutive bad steps resets
+  {
+    at::NoGradGuard no_grad;
+    b[0][0] = INFINITY;
+  }
+  EXPECT_TRUE(t.step().skipped);
+  try {
+    t.step();
+    FAIL() << "expected the run to stop";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("2 consecutive steps had a non-finite loss"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(Trainer, MetricsJsonlAndTensorBoardAreWellFormed) {
+  test::TempDir dir;
+  launch::Trainer t(with(small_config(dir.path()),
+                         {"adapter.method=mixlora", "train.steps=4", "log.every=2"}));
+  launch::TrainSummary summary = t.run();
+  EXPECT_EQ(summary.steps, 4);
+  std::ifstream in(dir.file("metrics.jsonl"));
+  std::vector<nlohmann::json> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
+  ASSERT_EQ(lines.size(), 3u);  // steps 1, 2, 4
+  std::vector<int64_t> steps;
+  for (const auto& l : lines) {
+    steps.push_back(l.at("step").get<int64_t>());
+    for (const char* key : {"loss", "lr", "tokens_per_s", "aux_loss", "grad_norm", "load_balance"}) {
+      EXPECT_TRUE(l.contains(key) && l[key].is_number()) << key << " in " << l.dump();
+    }
+    const auto& loads = l.at("expert_load");
+    ASSERT_EQ(loads.size(), 4u);  // one FFN site per layer of the synthetic model
+    for (const auto& [site, fractions] : loads.items()) {
+      double total = 0;
+      for (const auto& f : fractions) total += f.get<double>();
+      EXPECT_NEAR(total, 1.0, 1e-9) << site;
+    }
+  }
+  EXPECT_EQ(steps, (std::vector<int64_t>{1, 2, 4}));
+  std::string events;
+  for (const auto& entry : fs::directory_iterator(dir.path())) {
+    if (entry.path().filename().string().rfind("events.out.tfevents.", 0) == 0) events = entry.path();
+  }
+  ASSERT_FALSE(events.empty());
+  std::vector<launch::ScalarEvent> scalars = launch::read_tensorboard_scalars(events);
+  std::vector<int64_t> loss_steps;
+  for (const auto& e : scalars) {
+    if (e.tag == "train/loss") {
+      loss_steps.push_back(e.step);
+      EXPECT_NEAR(e.value, lines[loss_steps.size() - 1].at("loss").get<double>(), 1e-5);
+    }
+  }
+  EXPECT_EQ(loss_steps, (std::vector<int64_t>{1, 2, 4}));
+  EXPECT_TRUE(fs::exists(dir.file("config.yaml")));
+  EXPECT_TRUE(fs::exists(dir.file("summary.json")));
+  // The resolved config parses back to the same run.
+  EXPECT_EQ(launch::to_yaml(launch::load_config(dir.file("config.yaml"))), launch::to_yaml(t.config()));
+}
+
+int run_binary(const std::string& args, const std::string& log) {
+  return std::system((std::string(MOLE_BINARY) + " " + args + " > " + log + " 2>&1").c_str());
+}
+
+// Train, export, and reload through the real binary: the logits of `mole forward` on the exported
+// base + adapter equal the trained model's.
+TEST(Trainer, ExportReloadParityForEveryLayout) {
+  for (const char* method_name : {"lora", "mixlora", "mola"}) {
+    const std::string method = method_name;
+    test::TempDir dir;
+    launch::Trainer t(with(small_config(dir.file("run")),
+                           {"adapter.method=" + method, "adapter.experts=\"2,4\"", "train.steps=2",
+                            "adapter.router.top_k=2"}));
+    t.run();
+    at::Tensor ids = at::randint(3, 200, {2, 12}, at::kLong);
+    at::Tensor expected;
+    {
+      at::NoGradGuard no_grad;
+      expected = t.model().forward(ids);
+    }
+    st::save_file(dir.file("in.safetensors"), {{"input_ids", ids}});
+    ASSERT_EQ(run_binary("export " + dir.file("run") + " --out " + dir.file("exported"), dir.file("log")), 0)
+        << test::read_bytes(dir.file("log"));
+    for (const std::string& adapter : {dir.file("run/adapter"), dir.file("exported")}) {
+      ASSERT_EQ(run_binary("forward --model " + dir.file("run/base") + " --adapter " + adapter +
+                               " --input " + dir.file("in.safetensors") + " --output " +
+                               dir.file("out.safetensors"),
+                           dir.file("log")),
+                0)
+          << test::read_bytes(dir.file("log"));
+      st::SafetensorsFile out(dir.file("out.safetensors"));
+      EXPECT_LT(test::rel_error(out.tensor("logits"), expected), 1e-5) << method << " " << adapter;
+    }
+    const std::string config = test::read_bytes(dir.file("run/adapter/adapter_config.json"));
+    EXPECT_NE(config.find(method == "lora" ? "\"LORA\"" : method == "mixlora" ? "\"MIXLORA\"" : "\"MOLA\""),
+              std::string::npos);
+  }
+}
+
+TEST(Trainer, UnsupportedOptionsAreClearErrors) {
+  test::TempDir dir;
+  EXPECT_THROW(launch::Trainer(with(small_config(dir.path()), {"parallel.ep=2"})), Error);
+  EXPECT_THROW(launch::Trainer(with(small_config(dir.path()), {"checkpoint.every=10"})), Error);
+  EXPECT_THROW(launch::Trainer(with(small_config(dir.path()), {"train.global_batch=6"})), Error);
+}
+
+// The demo config, shortened: through the binary, the loss must fall.
+TEST(Trainer, DemoConfigLossFalls) {
+  test::TempDir dir;
+  const std::string args = "train " + std::string(MOLE_SOURCE_DIR) +
+                           "/examples/demo-mixlora.yaml --set train.steps=30 --set log.dir=" +
+                           dir.file("run");
+  ASSERT_EQ(run_binary(args, dir.file("log")), 0) << test::read_bytes(dir.file("log"));
+  nlohmann::json summary = nlohmann::json::parse(test::read_bytes(dir.file("run/summary.json")));
+  const double first = summary.at("first_loss").get<double>(), last = summary.at("last_loss").get<double>();
+  RecordProperty("first_loss", std::to_string(first));
+  RecordProperty("last_loss", std::to_string(last));
+  EXPECT_LT(last, 0.8 * first) << test::read_bytes(dir.file("log"));
+}
+
+}  // namespace
+}  // namespace mole
