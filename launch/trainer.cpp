@@ -10,6 +10,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <deque>
+#include <numeric>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -56,6 +58,9 @@ void check_supported(const Config& c) {
   MOLE_CHECK(c.checkpoint.every == 0, "checkpoint.every = ", c.checkpoint.every,
              ": sharded training checkpoints are not available yet (set it to 0; the adapter is "
              "written at the end of the run)");
+  MOLE_CHECK(!(c.model.dtype == "bf16" && c.model.device == "cpu"),
+             "model.dtype bf16 is for CUDA (bf16 frozen base, float32 adapters); on CPU mole trains in "
+             "fp32");
   MOLE_CHECK(c.model.device != "cuda" || at::hasCUDA(),
              "model.device is cuda but this LibTorch build has no usable CUDA device");
 }
@@ -315,6 +320,7 @@ TrainSummary Trainer::run() {
   const auto start = Clock::now();
   auto window_start = start;
   int64_t window_tokens = 0, total_target_tokens = 0;
+  std::deque<double> recent_losses;
   auto run_eval = [&](int64_t step) {
     if (s.eval_examples.empty()) return;
     EvalResult e = evaluate(*model_, s.eval_examples, c.train.micro_batch, tokenizer_->pad_id());
@@ -333,7 +339,10 @@ TrainSummary Trainer::run() {
     window_tokens += r.tokens;
     total_target_tokens += r.target_tokens;
     if (i == 0) summary.first_loss = r.loss;
-    summary.last_loss = r.loss;
+    if (!r.skipped) recent_losses.push_back(r.loss);
+    if (recent_losses.size() > 10) recent_losses.pop_front();
+    summary.last_loss = std::accumulate(recent_losses.begin(), recent_losses.end(), 0.0) /
+                        static_cast<double>(std::max<size_t>(1, recent_losses.size()));
     const int64_t done = i + 1;
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     if (tty) {
@@ -413,7 +422,7 @@ void run_train(const TrainOptions& options) {
   Trainer trainer(std::move(config));
   TrainSummary s = trainer.run();
   const double ratio = s.first_loss > 0 ? s.last_loss / s.first_loss : 0.0;
-  spdlog::info("done: {} steps in {:.1f} s | loss {:.4f} -> {:.4f} ({:.0f}% of the start) | {:.0f} target tok/s{}",
+  spdlog::info("done: {} steps in {:.1f} s | loss {:.4f} (first step) -> {:.4f} (mean of the last 10) = {:.0f}% | {:.0f} target tok/s{}",
                s.steps, s.wall_s, s.first_loss, s.last_loss, 100.0 * ratio, s.tokens_per_s,
                s.skipped_steps ? " | " + std::to_string(s.skipped_steps) + " steps skipped" : "");
   if (!std::isnan(s.eval_loss)) {

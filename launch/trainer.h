@@ -22,7 +22,7 @@ struct TrainSummary {
   int64_t steps = 0;
   int64_t skipped_steps = 0;
   double first_loss = 0.0;  // LM loss of the first step
-  double last_loss = 0.0;   // LM loss of the last step
+  double last_loss = 0.0;   // mean LM loss of the last 10 steps (less noisy than one step)
   double wall_s = 0.0;
   double tokens_per_s = 0.0;  // target tokens per second over the whole run
   double eval_loss = 0.0;     // last evaluation (NaN when none)
