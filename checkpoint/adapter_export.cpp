@@ -5,9 +5,9 @@
 #include <spdlog/spdlog.h>
 
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "checkpoint/json_file.h"
 #include "checkpoint/safetensors.h"
 #include "kernels/check.h"
 
@@ -16,17 +16,6 @@ namespace {
 
 using nlohmann::json;
 namespace fs = std::filesystem;
-
-void write_json(const std::string& path, const json& value) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp);
-    MOLE_CHECK(out.good(), "cannot write '", path, "'");
-    out << value.dump(2) << "\n";
-    MOLE_CHECK(out.good(), "cannot write '", path, "'");
-  }
-  fs::rename(tmp, path);
-}
 
 const char* peft_type(moe::Method method) {
   switch (method) {
@@ -132,7 +121,7 @@ void save_adapter(const moe::CausalLM& model, const moe::AdapterSpec& spec, cons
   }
   MOLE_CHECK(!tensors.empty(), "save_adapter: the model carries no adapter weights");
   st::save_file(dir + "/adapter_model.safetensors", tensors, {{"format", "pt"}});
-  write_json(dir + "/adapter_config.json", config);
+  write_json_file(dir + "/adapter_config.json", config);
   spdlog::info("wrote {} adapter ({} tensors) to {}", peft_type(spec.method), tensors.size(), dir);
 }
 
@@ -162,7 +151,7 @@ void save_hf_model(moe::CausalLM& model, const std::string& dir) {
                  {"tie_word_embeddings", c.tie_word_embeddings},
                  {"max_position_embeddings", c.max_position_embeddings},
                  {"torch_dtype", model.options().dtype() == at::kBFloat16 ? "bfloat16" : "float32"}};
-  write_json(dir + "/config.json", config);
+  write_json_file(dir + "/config.json", config);
 }
 
 }  // namespace mole::ckpt

@@ -5,12 +5,11 @@
 #include <spdlog/spdlog.h>
 
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "checkpoint/json_file.h"
 #include "checkpoint/peft_adapter.h"
 #include "checkpoint/safetensors.h"
 #include "kernels/check.h"
@@ -23,26 +22,9 @@ namespace fs = std::filesystem;
 
 json read_config(const std::string& adapter_dir) {
   const std::string file = adapter_dir + "/adapter_config.json";
-  std::ifstream in(file);
-  MOLE_CHECK(in.good(), "cannot open '", file, "'");
-  json root;
-  try {
-    root = json::parse(std::string(std::istreambuf_iterator<char>(in), {}));
-  } catch (const json::exception& e) {
-    MOLE_FAIL(file, ": not valid JSON (", e.what(), ")");
-  }
+  json root = read_json_file(file);
   MOLE_CHECK(root.is_object(), file, ": expected a JSON object");
   return root;
-}
-
-template <typename T>
-T get(const json& obj, const std::string& key, const T& fallback, const std::string& file) {
-  if (!obj.contains(key) || obj[key].is_null()) return fallback;
-  try {
-    return obj[key].get<T>();
-  } catch (const json::exception&) {
-    MOLE_FAIL(file, ": field '", key, "' has the wrong type: ", obj[key].dump());
-  }
 }
 
 using Pair = std::pair<at::Tensor, at::Tensor>;  // lora_A, lora_B
@@ -125,14 +107,14 @@ std::string lower(std::string s) {
 }  // namespace
 
 std::string adapter_peft_type(const std::string& adapter_dir) {
-  return get<std::string>(read_config(adapter_dir), "peft_type", "",
+  return json_field<std::string>(read_config(adapter_dir), "peft_type", "",
                           adapter_dir + "/adapter_config.json");
 }
 
 moe::AdapterSpec load_moe_peft_config(const std::string& adapter_dir) {
   const std::string file = adapter_dir + "/adapter_config.json";
   json root = read_config(adapter_dir);
-  const std::string peft_type = get<std::string>(root, "peft_type", "", file);
+  const std::string peft_type = json_field<std::string>(root, "peft_type", "", file);
   moe::AdapterSpec spec;
   if (peft_type == "MIXLORA") spec.method = moe::Method::kMixLora;
   else if (peft_type == "MOLA") spec.method = moe::Method::kMola;
@@ -141,37 +123,37 @@ moe::AdapterSpec load_moe_peft_config(const std::string& adapter_dir) {
   else if (peft_type == "MOELORA") spec.method = moe::Method::kMoeLora;
   else MOLE_FAIL(file, ": peft_type '", peft_type, "' is not a MoE-PEFT adapter (MIXLORA, MOLA, DYNMOLE, LORAMOE, or mole's MOELORA)");
 
-  MOLE_CHECK(!get<bool>(root, "use_dora", false, file), file, ": DoRA experts are not supported");
-  MOLE_CHECK(get<std::string>(root, "bias", "none", file) == "none", file,
+  MOLE_CHECK(!json_field<bool>(root, "use_dora", false, file), file, ": DoRA experts are not supported");
+  MOLE_CHECK(json_field<std::string>(root, "bias", "none", file) == "none", file,
              ": bias must be 'none'");
-  spec.lora.r = get<int64_t>(root, "r", 8, file);
-  spec.lora.alpha = get<double>(root, "lora_alpha", 16.0, file);
-  spec.lora.dropout = get<double>(root, "lora_dropout", 0.0, file);
-  spec.lora.rslora = get<bool>(root, "use_rslora", false, file);
+  spec.lora.r = json_field<int64_t>(root, "r", 8, file);
+  spec.lora.alpha = json_field<double>(root, "lora_alpha", 16.0, file);
+  spec.lora.dropout = json_field<double>(root, "lora_dropout", 0.0, file);
+  spec.lora.rslora = json_field<bool>(root, "use_rslora", false, file);
   spec.expert_lora = spec.lora;
   if (root.contains("expert_lora") && root["expert_lora"].is_object()) {
     const json& e = root["expert_lora"];
-    spec.expert_lora.r = get<int64_t>(e, "r", spec.lora.r, file);
-    spec.expert_lora.alpha = get<double>(e, "lora_alpha", spec.lora.alpha, file);
-    spec.expert_lora.dropout = get<double>(e, "lora_dropout", spec.lora.dropout, file);
+    spec.expert_lora.r = json_field<int64_t>(e, "r", spec.lora.r, file);
+    spec.expert_lora.alpha = json_field<double>(e, "lora_alpha", spec.lora.alpha, file);
+    spec.expert_lora.dropout = json_field<double>(e, "lora_dropout", spec.lora.dropout, file);
   }
-  spec.target_modules = get<std::vector<std::string>>(root, "target_modules", spec.target_modules, file);
-  const std::string act = get<std::string>(root, "act_fn", "silu", file);
+  spec.target_modules = json_field<std::vector<std::string>>(root, "target_modules", spec.target_modules, file);
+  const std::string act = json_field<std::string>(root, "act_fn", "silu", file);
   MOLE_CHECK(act == "silu", file, ": act_fn '", act, "' is not supported (only silu)");
-  spec.router_init_range = get<double>(root, "router_init_range", 0.02, file);
-  spec.aux.load_balance_coef = get<double>(root, "router_aux_loss_coef", 0.001, file);
-  spec.router.jitter_noise = get<double>(root, "jitter_noise", 0.0, file);
+  spec.router_init_range = json_field<double>(root, "router_init_range", 0.02, file);
+  spec.aux.load_balance_coef = json_field<double>(root, "router_aux_loss_coef", 0.001, file);
+  spec.router.jitter_noise = json_field<double>(root, "jitter_noise", 0.0, file);
 
-  const std::string strategy = lower(get<std::string>(root, "routing_strategy", "", file));
+  const std::string strategy = lower(json_field<std::string>(root, "routing_strategy", "", file));
   switch (spec.method) {
     case moe::Method::kMixLora:
       if (strategy == "mixlora" || strategy.empty()) {
         spec.router.strategy = moe::RoutingStrategy::kTopK;
-        spec.router.top_k = get<int64_t>(root, "top_k", 2, file);
+        spec.router.top_k = json_field<int64_t>(root, "top_k", 2, file);
       } else if (strategy == "mixlora-dynamic") {
         spec.router.strategy = moe::RoutingStrategy::kTopP;
-        spec.router.top_p = get<double>(root, "top_p", 0.8, file);
-        MOLE_CHECK(get<double>(root, "temperature", 0.0, file) == 0.0, file,
+        spec.router.top_p = json_field<double>(root, "top_p", 0.8, file);
+        MOLE_CHECK(json_field<double>(root, "temperature", 0.0, file) == 0.0, file,
                    ": mixlora-dynamic with temperature > 0 is not supported");
       } else if (!(strategy == "mixlora-switch" && root.contains("mole_router"))) {
         MOLE_FAIL(file, ": routing_strategy '", strategy, "' is not supported for import (",
@@ -181,17 +163,17 @@ moe::AdapterSpec load_moe_peft_config(const std::string& adapter_dir) {
       break;
     case moe::Method::kMoeLora:
     case moe::Method::kMola:
-      spec.router.top_k = get<int64_t>(root, "top_k", 2, file);
-      spec.aux.load_balance_coef = get<bool>(root, "router_loss", false, file)
+      spec.router.top_k = json_field<int64_t>(root, "top_k", 2, file);
+      spec.aux.load_balance_coef = json_field<bool>(root, "router_loss", false, file)
                                        ? spec.aux.load_balance_coef : 0.0;
       break;
     case moe::Method::kDynMole:
       spec.router.strategy = moe::RoutingStrategy::kDynMole;
-      spec.router.top_p = get<double>(root, "top_p", 0.75, file);
-      spec.router.keep_top_k = get<int64_t>(root, "keep_top_k", 2, file);
-      spec.router.entropy_threshold = get<double>(root, "entropy_threshold", 0.9, file);
-      spec.router.entropy_q = get<double>(root, "entropy_index", 1.1, file);
-      spec.aux.entropy_coef = get<double>(root, "router_dyn_loss_coef", 0.01, file);
+      spec.router.top_p = json_field<double>(root, "top_p", 0.75, file);
+      spec.router.keep_top_k = json_field<int64_t>(root, "keep_top_k", 2, file);
+      spec.router.entropy_threshold = json_field<double>(root, "entropy_threshold", 0.9, file);
+      spec.router.entropy_q = json_field<double>(root, "entropy_index", 1.1, file);
+      spec.aux.entropy_coef = json_field<double>(root, "router_dyn_loss_coef", 0.01, file);
       break;
     case moe::Method::kLoraMoe:
       spec.router.strategy = moe::RoutingStrategy::kDense;
@@ -207,14 +189,14 @@ moe::AdapterSpec load_moe_peft_config(const std::string& adapter_dir) {
   // Written by mole's own export: the exact router settings, which MoE-PEFT has no field for.
   if (root.contains("mole_router") && root["mole_router"].is_object()) {
     const json& r = root["mole_router"];
-    spec.router.strategy = moe::parse_routing_strategy(get<std::string>(r, "strategy", "topk", file));
-    spec.router.top_k = get<int64_t>(r, "top_k", spec.router.top_k, file);
-    spec.router.top_p = get<double>(r, "top_p", spec.router.top_p, file);
-    spec.router.jitter_noise = get<double>(r, "jitter_noise", spec.router.jitter_noise, file);
-    spec.router.capacity_factor = get<double>(r, "capacity_factor", spec.router.capacity_factor, file);
-    spec.router.entropy_q = get<double>(r, "entropy_q", spec.router.entropy_q, file);
-    spec.router.entropy_threshold = get<double>(r, "entropy_threshold", spec.router.entropy_threshold, file);
-    spec.router.keep_top_k = get<int64_t>(r, "keep_top_k", spec.router.keep_top_k, file);
+    spec.router.strategy = moe::parse_routing_strategy(json_field<std::string>(r, "strategy", "topk", file));
+    spec.router.top_k = json_field<int64_t>(r, "top_k", spec.router.top_k, file);
+    spec.router.top_p = json_field<double>(r, "top_p", spec.router.top_p, file);
+    spec.router.jitter_noise = json_field<double>(r, "jitter_noise", spec.router.jitter_noise, file);
+    spec.router.capacity_factor = json_field<double>(r, "capacity_factor", spec.router.capacity_factor, file);
+    spec.router.entropy_q = json_field<double>(r, "entropy_q", spec.router.entropy_q, file);
+    spec.router.entropy_threshold = json_field<double>(r, "entropy_threshold", spec.router.entropy_threshold, file);
+    spec.router.keep_top_k = json_field<int64_t>(r, "keep_top_k", spec.router.keep_top_k, file);
   }
   return spec;
 }

@@ -6,12 +6,11 @@
 
 #include <cmath>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <regex>
 
+#include "checkpoint/json_file.h"
 #include "checkpoint/safetensors.h"
 #include "kernels/check.h"
 
@@ -21,31 +20,11 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-json read_json(const std::string& file) {
-  std::ifstream in(file);
-  MOLE_CHECK(in.good(), "cannot open '", file, "'");
-  try {
-    return json::parse(std::string(std::istreambuf_iterator<char>(in), {}));
-  } catch (const json::exception& e) {
-    MOLE_FAIL(file, ": not valid JSON (", e.what(), ")");
-  }
-}
-
 bool is_unset(const json& root, const std::string& key) {
   if (!root.contains(key) || root[key].is_null()) return true;
   const json& v = root[key];
   return (v.is_boolean() && !v.get<bool>()) || (v.is_array() && v.empty()) ||
          (v.is_object() && v.empty());
-}
-
-template <typename T>
-T get(const json& root, const std::string& key, const T& fallback, const std::string& file) {
-  if (!root.contains(key) || root[key].is_null()) return fallback;
-  try {
-    return root[key].get<T>();
-  } catch (const json::exception&) {
-    MOLE_FAIL(file, ": field '", key, "' has the wrong type: ", root[key].dump());
-  }
 }
 
 // PEFT matches pattern keys against the module name as `(.*\.)?(pattern)$`.
@@ -76,36 +55,36 @@ bool parse_key(const std::string& key, ParsedKey& out) {
 
 PeftLoraConfig load_peft_config(const std::string& adapter_dir) {
   const std::string file = adapter_dir + "/adapter_config.json";
-  json root = read_json(file);
+  json root = read_json_file(file);
   MOLE_CHECK(root.is_object(), file, ": expected a JSON object");
-  const std::string peft_type = get<std::string>(root, "peft_type", "", file);
+  const std::string peft_type = json_field<std::string>(root, "peft_type", "", file);
   MOLE_CHECK(peft_type == "LORA", file, ": peft_type '", peft_type,
              "' is not a plain LoRA adapter (supported here: LORA)");
-  MOLE_CHECK(!get<bool>(root, "use_dora", false, file), file,
+  MOLE_CHECK(!json_field<bool>(root, "use_dora", false, file), file,
              ": use_dora=true (DoRA) adapters are not supported yet");
-  MOLE_CHECK(get<std::string>(root, "bias", "none", file) == "none", file, ": bias='",
-             get<std::string>(root, "bias", "none", file), "' is not supported (only 'none')");
-  MOLE_CHECK(!get<bool>(root, "fan_in_fan_out", false, file), file,
+  MOLE_CHECK(json_field<std::string>(root, "bias", "none", file) == "none", file, ": bias='",
+             json_field<std::string>(root, "bias", "none", file), "' is not supported (only 'none')");
+  MOLE_CHECK(!json_field<bool>(root, "fan_in_fan_out", false, file), file,
              ": fan_in_fan_out=true (Conv1D models) is not supported");
   MOLE_CHECK(is_unset(root, "modules_to_save"), file,
              ": modules_to_save is not supported (the adapter trains full modules)");
 
   PeftLoraConfig c;
-  c.r = get<int64_t>(root, "r", 8, file);
-  c.alpha = get<double>(root, "lora_alpha", 8.0, file);
-  c.dropout = get<double>(root, "lora_dropout", 0.0, file);
-  c.rslora = get<bool>(root, "use_rslora", false, file);
+  c.r = json_field<int64_t>(root, "r", 8, file);
+  c.alpha = json_field<double>(root, "lora_alpha", 8.0, file);
+  c.dropout = json_field<double>(root, "lora_dropout", 0.0, file);
+  c.rslora = json_field<bool>(root, "use_rslora", false, file);
   MOLE_CHECK(c.r > 0, file, ": r must be positive, got ", c.r);
   if (root.contains("target_modules") && root["target_modules"].is_string()) {
     c.target_modules = {root["target_modules"].get<std::string>()};
     c.target_is_regex = true;
   } else {
-    c.target_modules = get<std::vector<std::string>>(root, "target_modules", {}, file);
+    c.target_modules = json_field<std::vector<std::string>>(root, "target_modules", {}, file);
   }
-  for (const auto& [key, value] : get<std::map<std::string, int64_t>>(root, "rank_pattern", {}, file)) {
+  for (const auto& [key, value] : json_field<std::map<std::string, int64_t>>(root, "rank_pattern", {}, file)) {
     c.rank_pattern.emplace_back(key, value);
   }
-  for (const auto& [key, value] : get<std::map<std::string, double>>(root, "alpha_pattern", {}, file)) {
+  for (const auto& [key, value] : json_field<std::map<std::string, double>>(root, "alpha_pattern", {}, file)) {
     c.alpha_pattern.emplace_back(key, value);
   }
   return c;
