@@ -21,6 +21,10 @@
 #include "checkpoint/adapter_export.h"
 #include "checkpoint/model_loader.h"
 #include "checkpoint/moe_peft_adapter.h"
+#include "dist/communicator.h"
+#include "dist/mpi_communicator.h"
+#include "dist/process_grid.h"
+#include "dist/runtime.h"
 #include "kernels/check.h"
 #include "launch/metrics_log.h"
 #include "launch/optimizer.h"
@@ -51,7 +55,9 @@ std::string format_duration(double seconds) {
 // Options that the current build cannot honour yet are errors, not silent no-ops.
 void check_supported(const Config& c) {
   MOLE_CHECK(c.parallel.ep == 1, "parallel.ep = ", c.parallel.ep,
-             ": expert parallelism needs the distributed runtime, which is not available yet");
+             ": expert parallelism is not available yet (data parallelism is: parallel.ep = 1)");
+  MOLE_CHECK(c.parallel.backend == "auto" || c.parallel.backend == "mpi", "parallel.backend = ",
+             c.parallel.backend, ": only the MPI backend is available yet (auto | mpi)");
   MOLE_CHECK(c.parallel.zero == 0, "parallel.zero = ", c.parallel.zero,
              ": ZeRO optimizer sharding is not available yet");
   MOLE_CHECK(!c.parallel.base_shard, "parallel.base_shard: frozen-base sharding is not available yet");
@@ -168,7 +174,11 @@ struct Trainer::Impl {
   std::map<std::string, double> aux_parts;
 };
 
-Trainer::Trainer(Config config) : config_(std::move(config)), impl_(std::make_unique<Impl>()) {
+int Trainer::rank() const { return grid_ ? grid_->rank() : 0; }
+int Trainer::world() const { return grid_ ? grid_->dims().world : 1; }
+
+Trainer::Trainer(Config config, std::shared_ptr<dist::ProcessGrid> grid)
+    : config_(std::move(config)), grid_(std::move(grid)), impl_(std::make_unique<Impl>()) {
   check_supported(config_);
   const Config& c = config_;
   impl_->gen = at::make_generator<at::CPUGeneratorImpl>(c.train.seed);
@@ -212,7 +222,7 @@ Trainer::Trainer(Config config) : config_(std::move(config)), impl_(std::make_un
     impl_->eval_examples = load_dataset(eval, *tokenizer_);
   }
   impl_->loader = std::make_unique<DataLoader>(std::move(train), c.train.micro_batch,
-                                               c.train.global_batch, /*rank=*/0, /*world=*/1,
+                                               c.train.global_batch, rank(), world(),
                                                c.train.seed, tokenizer_->pad_id());
   AdamWOptions adam;
   adam.weight_decay = c.train.weight_decay;
@@ -243,6 +253,14 @@ StepResult Trainer::accumulate_gradients() {
   MOLE_CHECK(batch.global_target_tokens > 0, "step ", s.step, ": the global batch has no target tokens");
   const double accumulation = static_cast<double>(batch.micro_batches.size());
   const at::Device device = model_->options().device();
+  moe::SumOverRanks sum_over_ranks;
+  if (world() > 1) {
+    sum_over_ranks = [this](const at::Tensor& t) {
+      at::Tensor buffer = t.detach().to(at::kCPU).contiguous().clone();
+      grid_->world().all_reduce(buffer, dist::ReduceOp::kSum)->wait();
+      return buffer.to(t.device());
+    };
+  }
   s.loads.clear();
   s.aux_parts.clear();
   for (const MicroBatch& mb : batch.micro_batches) {
@@ -254,7 +272,7 @@ StepResult Trainer::accumulate_gradients() {
     moe::LossSum ls = moe::causal_lm_loss_sum(logits, mb.labels_BS);
     // Normalised once by the step's global target-token count, so micro-batches simply add up.
     at::Tensor lm = ls.sum / static_cast<double>(batch.global_target_tokens);
-    moe::AuxLosses aux = moe::aux_losses(ctx, spec_.aux);
+    moe::AuxLosses aux = moe::aux_losses(ctx, spec_.aux, sum_over_ranks);
     (lm + aux.total / accumulation).backward();
     r.loss += lm.item<double>();
     r.aux_loss += aux.total.item<double>() / accumulation;
@@ -273,7 +291,48 @@ StepResult Trainer::accumulate_gradients() {
   for (auto& [site, loads] : s.loads) {
     for (double& l : loads) l /= accumulation;
   }
+  if (world() > 1) {
+    reduce_gradients();
+    // The LM loss adds up over ranks (each normalised by the global token count); the aux losses
+    // were already formed from global statistics and agree on every rank.
+    at::Tensor totals = at::tensor({r.loss, static_cast<double>(r.tokens)}, at::kDouble);
+    grid_->world().all_reduce(totals, dist::ReduceOp::kSum)->wait();
+    r.loss = totals[0].item<double>();
+    r.tokens = static_cast<int64_t>(std::llround(totals[1].item<double>()));
+  }
   return r;
+}
+
+void Trainer::reduce_gradients() {
+  // Every trainable tensor takes part, with zeros where it got no gradient (an expert without
+  // tokens), so that every rank runs the same collectives.
+  constexpr int64_t kBucketElements = 8 << 20;
+  const auto& params = impl_->optimizer->params();
+  size_t begin = 0;
+  while (begin < params.size()) {
+    size_t end = begin;
+    int64_t elements = 0;
+    while (end < params.size() && (end == begin || elements + params[end].second.numel() <= kBucketElements)) {
+      elements += params[end].second.numel();
+      ++end;
+    }
+    std::vector<at::Tensor> grads;
+    for (size_t i = begin; i < end; ++i) {
+      at::Tensor p = params[i].second;
+      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
+      grads.push_back(p.grad().reshape({-1}).to(at::kCPU));
+    }
+    at::Tensor flat = at::cat(grads);
+    grid_->world().all_reduce(flat, dist::ReduceOp::kSum)->wait();
+    int64_t offset = 0;
+    for (size_t i = begin; i < end; ++i) {
+      at::Tensor p = params[i].second;
+      const int64_t n = p.numel();
+      p.mutable_grad().copy_(flat.narrow(0, offset, n).view(p.sizes()));
+      offset += n;
+    }
+    begin = end;
+  }
 }
 
 void Trainer::apply_update(StepResult& r) {
@@ -303,16 +362,19 @@ void Trainer::apply_update(StepResult& r) {
 TrainSummary Trainer::run() {
   const Config& c = config_;
   Impl& s = *impl_;
-  fs::create_directories(c.log.dir);
-  {
-    std::ofstream out(c.log.dir + "/config.yaml");
-    out << to_yaml(c);
-  }
-  std::ofstream metrics(c.log.dir + "/metrics.jsonl", std::ios::app);
-  MOLE_CHECK(metrics.good(), "cannot write '", c.log.dir, "/metrics.jsonl'");
+  // Rank 0 writes the run folder and the logs; the other ranks only train.
+  const bool lead = rank() == 0;
+  std::ofstream metrics;
   std::unique_ptr<TensorBoardWriter> tb;
-  if (c.log.tensorboard) tb = std::make_unique<TensorBoardWriter>(c.log.dir);
-  const bool tty = isatty(fileno(stdout));
+  if (lead) {
+    fs::create_directories(c.log.dir);
+    std::ofstream(c.log.dir + "/config.yaml") << to_yaml(c);
+    metrics.open(c.log.dir + "/metrics.jsonl", std::ios::app);
+    MOLE_CHECK(metrics.good(), "cannot write '", c.log.dir, "/metrics.jsonl'");
+    if (c.log.tensorboard) tb = std::make_unique<TensorBoardWriter>(c.log.dir);
+  }
+  // No progress bar under mpirun, whose forwarded stdout may look like a terminal.
+  const bool tty = world() == 1 && isatty(fileno(stdout));
 
   TrainSummary summary;
   summary.run_dir = c.log.dir;
@@ -322,7 +384,7 @@ TrainSummary Trainer::run() {
   int64_t window_tokens = 0, total_target_tokens = 0;
   std::deque<double> recent_losses;
   auto run_eval = [&](int64_t step) {
-    if (s.eval_examples.empty()) return;
+    if (s.eval_examples.empty() || !lead) return;
     EvalResult e = evaluate(*model_, s.eval_examples, c.train.micro_batch, tokenizer_->pad_id());
     summary.eval_loss = e.loss;
     summary.eval_accuracy = e.accuracy;
@@ -351,7 +413,7 @@ TrainSummary Trainer::run() {
                   std::string(width - filled, '.').c_str(), (long long)done, (long long)c.train.steps, r.loss);
       std::fflush(stdout);
     }
-    if (done % c.log.every == 0 || done == 1 || done == c.train.steps) {
+    if (lead && (done % c.log.every == 0 || done == 1 || done == c.train.steps)) {
       const double window = std::chrono::duration<double>(Clock::now() - window_start).count();
       const double tps = window > 0 ? static_cast<double>(window_tokens) / window : 0.0;
       const double eta = elapsed / static_cast<double>(done) * static_cast<double>(c.train.steps - done);
@@ -397,6 +459,7 @@ TrainSummary Trainer::run() {
   summary.wall_s = std::chrono::duration<double>(Clock::now() - start).count();
   summary.tokens_per_s = summary.wall_s > 0 ? static_cast<double>(total_target_tokens) / summary.wall_s : 0.0;
 
+  if (!lead) return summary;
   const std::string base = is_synthetic_base(c) ? c.log.dir + "/base" : c.model.base;
   if (is_synthetic_base(c)) ckpt::save_hf_model(*model_, base);
   ckpt::save_adapter(*model_, spec_, c.log.dir + "/adapter", base);
@@ -417,19 +480,75 @@ void add_train_command(CLI::App& app, TrainOptions& options) {
   cmd->add_option("--set", options.overrides, "override a config key: --set train.steps=50 (repeatable)");
 }
 
+uint64_t config_digest(const Config& config) {
+  uint64_t hash = 1469598103934665603ull;  // FNV-1a, 64 bit
+  for (unsigned char ch : to_yaml(config)) {
+    hash ^= ch;
+    hash *= 1099511628211ull;
+  }
+  return hash;
+}
+
+namespace {
+
+// The distributed side of a run: MPI, the world communicator and the grid, when launched with
+// several ranks. Declared in this order so that the grid and communicators go before MPI.
+struct DistributedRun {
+  std::unique_ptr<dist::MpiRuntime> runtime;
+  std::shared_ptr<dist::ProcessGrid> grid;
+};
+
+// Collective over every rank: the world communicator, the config check, the grid.
+std::shared_ptr<dist::ProcessGrid> build_grid(const dist::MpiRuntime& runtime, const Config& config) {
+  std::shared_ptr<dist::Communicator> world =
+      dist::MpiCommunicator::create_world(runtime, config.parallel.timeout_s);
+  // Every rank must train the same thing: compare a digest of the resolved config.
+  const uint64_t digest = config_digest(config);
+  at::Tensor mine = at::tensor({static_cast<int64_t>(digest >> 1)}, at::kLong);
+  at::Tensor low = mine.clone(), high = mine.clone();
+  world->all_reduce(low, dist::ReduceOp::kMin)->wait();
+  world->all_reduce(high, dist::ReduceOp::kMax)->wait();
+  MOLE_CHECK(low.item<int64_t>() == high.item<int64_t>(), "rank ", world->rank(),
+             ": the resolved config differs between ranks (digests ", low.item<int64_t>(), " .. ",
+             high.item<int64_t>(), "); start every rank with the same config file and --set options");
+  dist::ParallelDims dims{world->size(), static_cast<int>(config.parallel.ep)};
+  dims.validate();
+  auto grid = std::make_shared<dist::ProcessGrid>(dims, world);
+  if (world->rank() != 0) spdlog::set_level(spdlog::level::warn);
+  spdlog::info("data parallel over {} ranks (MPI)", world->size());
+  return grid;
+}
+
+}  // namespace
+
 void run_train(const TrainOptions& options) {
   Config config = load_config(options.config_path, options.overrides);
-  Trainer trainer(std::move(config));
-  TrainSummary s = trainer.run();
-  const double ratio = s.first_loss > 0 ? s.last_loss / s.first_loss : 0.0;
-  spdlog::info("done: {} steps in {:.1f} s | loss {:.4f} (first step) -> {:.4f} (mean of the last 10) = {:.0f}% | {:.0f} target tok/s{}",
-               s.steps, s.wall_s, s.first_loss, s.last_loss, 100.0 * ratio, s.tokens_per_s,
-               s.skipped_steps ? " | " + std::to_string(s.skipped_steps) + " steps skipped" : "");
-  if (!std::isnan(s.eval_loss)) {
-    spdlog::info("eval: loss {:.4f}, next-token accuracy {:.3f}", s.eval_loss, s.eval_accuracy);
+  DistributedRun distributed;
+  if (dist::detect_rank_info().world > 1) distributed.runtime = std::make_unique<dist::MpiRuntime>();
+  const int rank = distributed.runtime ? distributed.runtime->rank_info().rank : 0;
+  try {
+    if (distributed.runtime) distributed.grid = build_grid(*distributed.runtime, config);
+    Trainer trainer(std::move(config), distributed.grid);
+    TrainSummary s = trainer.run();
+    if (rank != 0) return;
+    const double ratio = s.first_loss > 0 ? s.last_loss / s.first_loss : 0.0;
+    spdlog::info("done: {} steps in {:.1f} s | loss {:.4f} (first step) -> {:.4f} (mean of the last 10) = {:.0f}% | {:.0f} target tok/s{}",
+                 s.steps, s.wall_s, s.first_loss, s.last_loss, 100.0 * ratio, s.tokens_per_s,
+                 s.skipped_steps ? " | " + std::to_string(s.skipped_steps) + " steps skipped" : "");
+    if (!std::isnan(s.eval_loss)) {
+      spdlog::info("eval: loss {:.4f}, next-token accuracy {:.3f}", s.eval_loss, s.eval_accuracy);
+    }
+    spdlog::info("run folder {}: config.yaml, metrics.jsonl, events.out.tfevents.*, adapter/{}",
+                 s.run_dir, is_synthetic_base(trainer.config()) ? ", base/" : "");
+  } catch (const std::exception& e) {
+    if (distributed.runtime) {
+      // Report, then end every rank: peers may be waiting in a collective this rank left.
+      spdlog::error("rank {}: {}", rank, e.what());
+      distributed.grid.reset();
+      distributed.runtime->abort(1);
+    }
+    throw;
   }
-  spdlog::info("run folder {}: config.yaml, metrics.jsonl, events.out.tfevents.*, adapter/{}",
-               s.run_dir, is_synthetic_base(trainer.config()) ? ", base/" : "");
 }
 
 }  // namespace mole::launch

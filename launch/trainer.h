@@ -16,6 +16,10 @@ namespace CLI {
 class App;
 }
 
+namespace mole::dist {
+class ProcessGrid;
+}
+
 namespace mole::launch {
 
 struct TrainSummary {
@@ -45,15 +49,17 @@ struct StepResult {
 // The parts of a run, built from a Config, in the order the training step needs them.
 class Trainer {
  public:
-  explicit Trainer(Config config);
+  // `grid` is the process grid of a multi-rank run (mpirun); null for one process.
+  explicit Trainer(Config config, std::shared_ptr<dist::ProcessGrid> grid = nullptr);
   ~Trainer();
   // Every step, logging, evaluation, and the adapter written at the end.
   TrainSummary run();
   // One optimizer step: accumulate_gradients() then apply_update(). Throws after
   // train.max_bad_steps consecutive non-finite steps.
   StepResult step();
-  // Forward and backward over this rank's micro-batches of the next global batch; the gradients
-  // of the trainable tensors hold the gradient of the step's loss afterwards.
+  // Forward and backward over this rank's micro-batches of the next global batch, then (on
+  // several ranks) the gradients summed over the ranks: afterwards every rank's trainable tensors
+  // hold the gradient of the one global-batch loss, and the result reports that loss.
   StepResult accumulate_gradients();
   // Checks the gradients for non-finite values (skipping the update if any), clips, and updates.
   void apply_update(StepResult& result);
@@ -62,10 +68,16 @@ class Trainer {
   moe::CausalLM& model() { return *model_; }
   const moe::AdapterSpec& adapter() const { return spec_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
+  int rank() const;
+  int world() const;
 
  private:
   struct Impl;
+  // Sums every trainable tensor's gradient over the ranks, in flattened buckets.
+  void reduce_gradients();
+
   Config config_;
+  std::shared_ptr<dist::ProcessGrid> grid_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<moe::CausalLM> model_;
   moe::AdapterSpec spec_;
@@ -90,6 +102,12 @@ struct TrainOptions {
   std::vector<std::string> overrides;
 };
 void add_train_command(CLI::App& app, TrainOptions& options);
+// Under mpirun (several ranks) this starts MPI, checks that every rank resolved the same config
+// (a digest of it is compared), builds the process grid, and trains data-parallel; logging and
+// outputs come from rank 0. A failure on any rank ends the whole job.
 void run_train(const TrainOptions& options);
+
+// FNV-1a digest of the resolved config, compared across ranks at start-up.
+uint64_t config_digest(const Config& config);
 
 }  // namespace mole::launch

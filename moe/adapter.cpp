@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "kernels/check.h"
 #include "moe/aux_losses.h"
@@ -111,45 +112,92 @@ void attach_adapter(CausalLM& model, const AdapterSpec& spec, const at::Generato
   }
 }
 
-AuxLosses aux_losses(const ForwardContext& ctx, const AuxLossOptions& options) {
+namespace {
+
+// Replaces every site's statistics by their sum over the ranks, keeping the gradient path through
+// this rank's own contribution: global = local + (sum of all ranks - local), the bracket detached.
+std::vector<RouterStats> sum_stats_over_ranks(std::vector<RouterStats> stats,
+                                              const SumOverRanks& sum_over_ranks) {
+  std::vector<at::Tensor> parts;
+  for (const RouterStats& s : stats) {
+    parts.push_back(s.pairs_E.detach().to(at::kDouble));
+    parts.push_back(s.prob_sum_E.detach().to(at::kDouble));
+    parts.push_back(at::stack({s.z_sum.detach().to(at::kDouble), s.entropy_sum.detach().to(at::kDouble),
+                               at::scalar_tensor(static_cast<double>(s.num_pairs), at::kDouble)
+                                   .to(s.z_sum.device()),
+                               at::scalar_tensor(static_cast<double>(s.num_tokens), at::kDouble)
+                                   .to(s.z_sum.device())}));
+  }
+  // Sync point: one collective for every site, then the counts back on the host.
+  at::Tensor total = sum_over_ranks(at::cat(parts)).cpu();
+  int64_t offset = 0;
+  auto take = [&](int64_t n) {
+    at::Tensor t = total.narrow(0, offset, n);
+    offset += n;
+    return t;
+  };
+  for (RouterStats& s : stats) {
+    const int64_t E = s.pairs_E.size(0);
+    const at::TensorOptions f32 = s.prob_sum_E.options();
+    s.pairs_E = take(E).to(f32);
+    at::Tensor prob_all = take(E).to(f32);
+    s.prob_sum_E = s.prob_sum_E + (prob_all - s.prob_sum_E.detach());
+    at::Tensor rest = take(4);
+    s.z_sum = s.z_sum + (rest[0].to(f32) - s.z_sum.detach());
+    s.entropy_sum = s.entropy_sum + (rest[1].to(f32) - s.entropy_sum.detach());
+    s.num_pairs = static_cast<int64_t>(std::llround(rest[2].item<double>()));
+    s.num_tokens = static_cast<int64_t>(std::llround(rest[3].item<double>()));
+  }
+  return stats;
+}
+
+}  // namespace
+
+AuxLosses aux_losses(const ForwardContext& ctx, const AuxLossOptions& options,
+                     const SumOverRanks& sum_over_ranks) {
   AuxLosses out;
   out.total = at::zeros({}, at::kFloat);
   if (ctx.sites.empty()) return out;
   const at::Device device = ctx.sites.front().stats.prob_sum_E.device();
   out.total = out.total.to(device);
-  const double num_sites = static_cast<double>(ctx.sites.size());
+  std::vector<RouterStats> stats;
+  for (const SiteRecord& site : ctx.sites) stats.push_back(site.stats);
+  if (sum_over_ranks) stats = sum_stats_over_ranks(std::move(stats), sum_over_ranks);
+  const double num_sites = static_cast<double>(stats.size());
+  const at::TensorOptions f32 = at::TensorOptions(at::kFloat).device(device);
 
   if (options.load_balance_coef > 0.0) {
     at::Tensor lb;
     if (options.balance_over_all_sites) {
-      RouterStats sum = ctx.sites.front().stats;
-      for (size_t i = 1; i < ctx.sites.size(); ++i) {
-        MOLE_CHECK(ctx.sites[i].stats.prob_sum_E.size(0) == sum.prob_sum_E.size(0),
+      RouterStats sum = stats.front();
+      for (size_t i = 1; i < stats.size(); ++i) {
+        MOLE_CHECK(stats[i].prob_sum_E.size(0) == sum.prob_sum_E.size(0),
                    "balance_over_all_sites needs the same expert count at every site; ",
-                   ctx.sites[i].site, " has ", ctx.sites[i].stats.prob_sum_E.size(0), ", ",
+                   ctx.sites[i].site, " has ", stats[i].prob_sum_E.size(0), ", ",
                    ctx.sites.front().site, " has ", sum.prob_sum_E.size(0));
-        sum = sum + ctx.sites[i].stats;
+        sum = sum + stats[i];
       }
       lb = load_balance_loss(sum);
     } else {
-      lb = at::zeros({}, at::TensorOptions(at::kFloat).device(device));
-      for (const SiteRecord& site : ctx.sites) lb = lb + load_balance_loss(site.stats);
+      lb = at::zeros({}, f32);
+      for (const RouterStats& s : stats) lb = lb + load_balance_loss(s);
       lb = lb / num_sites;
     }
     out.load_balance = lb * options.load_balance_coef;
   }
   if (options.z_loss_coef > 0.0) {
-    at::Tensor z = at::zeros({}, at::TensorOptions(at::kFloat).device(device));
-    for (const SiteRecord& site : ctx.sites) z = z + z_loss(site.stats);
+    at::Tensor z = at::zeros({}, f32);
+    for (const RouterStats& s : stats) z = z + z_loss(s);
     out.z_loss = z / num_sites * options.z_loss_coef;
   }
   if (options.entropy_coef > 0.0) {
-    at::Tensor h = at::zeros({}, at::TensorOptions(at::kFloat).device(device));
-    for (const SiteRecord& site : ctx.sites) h = h + entropy_loss(site.stats);
+    at::Tensor h = at::zeros({}, f32);
+    for (const RouterStats& s : stats) h = h + entropy_loss(s);
     out.entropy = h / num_sites * options.entropy_coef;
   }
   if (options.contrastive.coef > 0.0) {
-    at::Tensor c = at::zeros({}, at::TensorOptions(at::kFloat).device(device));
+    // Sampled per rank: not summed over ranks (each rank's sample is its own).
+    at::Tensor c = at::zeros({}, f32);
     int64_t n = 0;
     for (const SiteRecord& site : ctx.sites) {
       if (!site.contrastive.defined()) continue;

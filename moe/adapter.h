@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -64,7 +65,16 @@ struct AuxLosses {
   at::Tensor contrastive;
   at::Tensor total;
 };
-AuxLosses aux_losses(const ForwardContext& ctx, const AuxLossOptions& options);
+// The element-wise sum of a tensor over the data-parallel ranks (no gradient), supplied by the
+// caller that knows about ranks; empty on one rank.
+using SumOverRanks = std::function<at::Tensor(const at::Tensor&)>;
+
+// With `sum_over_ranks`, the router statistics of every site are summed over the ranks of the
+// micro-batch step before any loss is formed (global-batch load balancing): each rank then holds
+// the loss of the whole step, differentiable through its own tokens only, so that summing the
+// ranks' gradients gives the gradient of that one loss. One packed collective per call.
+AuxLosses aux_losses(const ForwardContext& ctx, const AuxLossOptions& options,
+                     const SumOverRanks& sum_over_ranks = {});
 
 // Fraction of routed pairs per expert for each site of the last forward: site name -> loads.
 std::vector<std::pair<std::string, std::vector<double>>> expert_loads(const ForwardContext& ctx);
