@@ -13,6 +13,7 @@
 #include "checkpoint/peft_adapter.h"
 #include "checkpoint/safetensors.h"
 #include "kernels/check.h"
+#include "moe/precision.h"
 
 namespace mole::ckpt {
 namespace {
@@ -214,7 +215,9 @@ moe::AdapterSpec load_moe_peft_adapter(moe::CausalLM& model, const std::string& 
   st::SafetensorsFile file(weights_path);
   const std::string prefix = moe::method_name(spec.method);
   Parsed parsed = parse_weights(file, prefix, model.num_layers());
-  const at::Device device = model.options().device();
+  // Adapter dtype (float32, or float64 for a float64 model) on the model's device.
+  const at::TensorOptions device =
+      model.options().dtype(moe::adapter_dtype(model.options().dtype().toScalarType()));
   spec.experts_per_layer.assign(static_cast<size_t>(model.num_layers()), 0);
 
   at::NoGradGuard no_grad;
@@ -250,7 +253,7 @@ moe::AdapterSpec load_moe_peft_adapter(moe::CausalLM& model, const std::string& 
     };
     moe::ExpertLora g = expert_lora("gate_proj", D, F), u = expert_lora("up_proj", D, F),
                     d = expert_lora("down_proj", F, D);
-    l.ffn_site = std::make_unique<moe::FfnMoeSite>(site, gate.to(device, at::kFloat).clone().requires_grad_(true),
+    l.ffn_site = std::make_unique<moe::FfnMoeSite>(site, gate.to(device).clone().requires_grad_(true),
                                                    std::move(g), std::move(u), std::move(d), spec.router);
     spec.experts_per_layer[static_cast<size_t>(layer)] = E;
   }
@@ -272,7 +275,7 @@ moe::AdapterSpec load_moe_peft_adapter(moe::CausalLM& model, const std::string& 
         moe::LoraOptions{stacked.first.size(1), spec.expert_lora.alpha, spec.expert_lora.rslora, 0.0}.scale(),
         spec.expert_lora.dropout, device, what);
     model.layer(layer).linear_sites[linear] = std::make_unique<moe::LinearMoeSite>(
-        site, gate.to(device, at::kFloat).clone().requires_grad_(true), std::move(experts), spec.router);
+        site, gate.to(device).clone().requires_grad_(true), std::move(experts), spec.router);
     int64_t& count = spec.experts_per_layer[static_cast<size_t>(layer)];
     count = std::max(count, E);
   }

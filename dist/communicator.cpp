@@ -33,8 +33,8 @@ bool supported(at::ScalarType dtype) {
 
 void check_tensor(const char* op, const Communicator& comm, const char* arg, const at::Tensor& t) {
   MOLE_CHECK(t.defined(), where(op, comm), arg, " is an undefined tensor");
-  MOLE_CHECK(t.device().is_cpu(), where(op, comm), arg, " is on ", t.device(), "; the ",
-             comm.backend(), " backend takes CPU tensors");
+  MOLE_CHECK(t.device() == comm.tensor_device(), where(op, comm), arg, " is on ", t.device(),
+             "; the ", comm.backend(), " backend takes tensors on ", comm.tensor_device());
   MOLE_CHECK(supported(t.scalar_type()), where(op, comm), arg, " has dtype ", t.scalar_type(),
              "; supported: Float, Double, Long, Int, BFloat16");
   MOLE_CHECK(t.dim() >= 1, where(op, comm), arg, " is a 0-dim tensor; use shape [1]");

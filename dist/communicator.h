@@ -39,7 +39,7 @@ class Work {
 //    keeps the tensors alive until completion, so dropping the caller's handle is safe.
 //  - argument errors throw mole::Error before anything is started; since arguments match on all
 //    ranks, all ranks throw alike.
-// Tensors: CPU, contiguous, dtype float32, float64, int64, int32 or bfloat16, at least 1-D. A
+// Tensors: on tensor_device() (CPU for MPI and Gloo, the rank's GPU for NCCL), contiguous, dtype float32, float64, int64, int32 or bfloat16, at least 1-D. A
 // dtype without native support in a backend (bfloat16 in MPI) is moved as raw bytes and reduced
 // through float32 staging: exact for max/min, sum rounds once, at the end.
 // Threads: the caller serialises the calls on one communicator. Using communicators or Work
@@ -56,6 +56,8 @@ class Communicator {
   virtual const std::string& name() const = 0;  // role of the group: "world", "ep", "edp", ...
   virtual const char* backend() const = 0;      // "mpi", ...
   virtual double timeout_s() const = 0;         // bound on every wait, set at construction
+  // Where this backend's tensors live; every collective checks its tensors against it.
+  virtual at::Device tensor_device() const { return at::Device(at::kCPU); }
   // "communicator 'world' (rank 1 of 4)": for error messages.
   std::string describe() const;
 

@@ -196,7 +196,7 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
 
   Section model = top.child("model");
   model.get("base", c.model.base);
-  model.choice("dtype", c.model.dtype, {"fp32", "bf16"});
+  model.choice("dtype", c.model.dtype, {"fp32", "bf16", "fp64"});
   model.choice("device", c.model.device, {"cpu", "cuda"});
   model.finish();
 

@@ -11,7 +11,7 @@ namespace mole::launch {
 
 struct ModelSection {
   std::string base = "synthetic:tiny";  // Hugging Face folder or synthetic:tiny
-  std::string dtype = "fp32";           // fp32 | bf16
+  std::string dtype = "fp32";           // fp32 | bf16 (CUDA) | fp64 (CPU, exactness checks)
   std::string device = "cpu";           // cpu | cuda
 };
 

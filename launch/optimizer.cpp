@@ -12,8 +12,9 @@ namespace mole::launch {
 AdamW::AdamW(std::vector<moe::NamedTensor> params, AdamWOptions options)
     : params_(std::move(params)), options_(options) {
   for (const auto& [name, p] : params_) {
-    MOLE_CHECK(p.scalar_type() == at::kFloat, "optimizer: trainable tensor '", name,
-               "' must be float32, got ", p.scalar_type());
+    MOLE_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble,
+               "optimizer: trainable tensor '", name, "' must be float32 (or float64), got ",
+               p.scalar_type());
     lr_scale_.push_back(name.find("lora_B") != std::string::npos ? options_.lora_plus_ratio : 1.0);
     exp_avg_.push_back(at::zeros_like(p));
     exp_avg_sq_.push_back(at::zeros_like(p));

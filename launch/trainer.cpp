@@ -64,6 +64,8 @@ void check_supported(const Config& c) {
   MOLE_CHECK(c.checkpoint.every == 0, "checkpoint.every = ", c.checkpoint.every,
              ": sharded training checkpoints are not available yet (set it to 0; the adapter is "
              "written at the end of the run)");
+  MOLE_CHECK(!(c.model.dtype == "fp64" && c.model.device == "cuda"),
+             "model.dtype fp64 is a CPU mode for exactness checks; use fp32 or bf16 on CUDA");
   MOLE_CHECK(!(c.model.dtype == "bf16" && c.model.device == "cpu"),
              "model.dtype bf16 is for CUDA (bf16 frozen base, float32 adapters); on CPU mole trains in "
              "fp32");
@@ -188,7 +190,9 @@ Trainer::Trainer(Config config, std::shared_ptr<dist::ProcessGrid> grid)
   tokenizer_ = make_tokenizer(tokenizer_spec);
 
   at::TensorOptions options = at::TensorOptions()
-                                  .dtype(c.model.dtype == "bf16" ? at::kBFloat16 : at::kFloat)
+                                  .dtype(c.model.dtype == "bf16"   ? at::kBFloat16
+                                         : c.model.dtype == "fp64" ? at::kDouble
+                                                                   : at::kFloat)
                                   .device(c.model.device == "cuda" ? at::kCUDA : at::kCPU);
   if (synthetic) {
     model_ = std::make_unique<moe::CausalLM>(synthetic_tiny_config(tokenizer_->vocab_size()), options);

@@ -8,6 +8,7 @@
 
 #include "kernels/check.h"
 #include "moe/aux_losses.h"
+#include "moe/precision.h"
 
 namespace mole::moe {
 namespace {
@@ -27,11 +28,11 @@ std::string short_name(const std::string& linear_name) {
   return linear_name.substr(linear_name.find('.') + 1);
 }
 
-at::Tensor router_init(int64_t experts, int64_t in, double range, const at::Device& device,
+at::Tensor router_init(int64_t experts, int64_t in, double range, const at::TensorOptions& options,
                        const at::Generator& gen) {
   at::Tensor w = at::empty({experts, in}, at::kFloat);
   w.normal_(0.0, range, gen);
-  return w.to(device).requires_grad_(true);
+  return w.to(options).requires_grad_(true);
 }
 
 }  // namespace
@@ -75,7 +76,8 @@ void AdapterSpec::validate(int64_t num_layers) const {
 
 void attach_adapter(CausalLM& model, const AdapterSpec& spec, const at::Generator& gen) {
   spec.validate(model.num_layers());
-  const at::Device device = model.options().device();
+  const at::TensorOptions device = model.options().dtype(
+      adapter_dtype(model.options().dtype().toScalarType()));  // adapter dtype, model device
   for (int64_t i = 0; i < model.num_layers(); ++i) {
     DecoderLayer& layer = model.layer(i);
     const std::string prefix = "layers." + std::to_string(i) + ".";
@@ -158,13 +160,12 @@ AuxLosses aux_losses(const ForwardContext& ctx, const AuxLossOptions& options,
   AuxLosses out;
   out.total = at::zeros({}, at::kFloat);
   if (ctx.sites.empty()) return out;
-  const at::Device device = ctx.sites.front().stats.prob_sum_E.device();
-  out.total = out.total.to(device);
+  const at::TensorOptions f32 = ctx.sites.front().stats.prob_sum_E.options();  // stats' dtype
+  out.total = out.total.to(f32);
   std::vector<RouterStats> stats;
   for (const SiteRecord& site : ctx.sites) stats.push_back(site.stats);
   if (sum_over_ranks) stats = sum_stats_over_ranks(std::move(stats), sum_over_ranks);
   const double num_sites = static_cast<double>(stats.size());
-  const at::TensorOptions f32 = at::TensorOptions(at::kFloat).device(device);
 
   if (options.load_balance_coef > 0.0) {
     at::Tensor lb;

@@ -9,11 +9,12 @@
 
 #include "kernels/check.h"
 #include "kernels/torch_compat.h"
+#include "moe/precision.h"
 
 namespace mole::moe {
 
 at::Tensor RmsNorm::forward(const at::Tensor& x) const {
-  at::Tensor x32 = x.to(at::kFloat);
+  at::Tensor x32 = x.to(adapter_dtype(x.scalar_type()));
   at::Tensor variance = x32.pow(2).mean(-1, /*keepdim=*/true);
   at::Tensor normed = (x32 * at::rsqrt(variance + eps_)).to(x.scalar_type());
   return weight_D_ * normed;
@@ -268,7 +269,7 @@ LossSum causal_lm_loss_sum(const at::Tensor& logits_BSV, const at::Tensor& label
   const int64_t V = logits_BSV.size(2);
   const int64_t S = logits_BSV.size(1);
   at::Tensor targets = labels_BS.narrow(1, 1, S - 1).reshape({-1}).to(logits_BSV.device());
-  at::Tensor logits = logits_BSV.narrow(1, 0, S - 1).reshape({-1, V}).to(at::kFloat);
+  at::Tensor logits = logits_BSV.narrow(1, 0, S - 1).reshape({-1, V}).to(adapter_dtype(logits_BSV.scalar_type()));
   at::Tensor sum = at::cross_entropy_loss(logits, targets, {}, at::Reduction::Sum, -100);
   // Device -> host sync: the count of target tokens.
   const int64_t num_tokens = (targets != -100).sum().item<int64_t>();

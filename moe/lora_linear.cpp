@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "kernels/check.h"
+#include "moe/precision.h"
 
 namespace mole::moe {
 
@@ -27,7 +28,7 @@ at::Tensor LoraLinear::forward_base(const at::Tensor& x_NI) const {
 
 at::Tensor LoraLinear::lora_delta(const at::Tensor& x_NI, bool training) const {
   const LoraWeights& lora = *lora_;
-  at::Tensor x = x_NI.to(at::kFloat);
+  at::Tensor x = x_NI.to(lora.a_rI.scalar_type());
   if (training && lora.dropout > 0.0) x = at::dropout(x, lora.dropout, /*train=*/true);
   return at::linear(at::linear(x, lora.a_rI), lora.b_Or).mul(lora.scale);
 }
@@ -40,7 +41,7 @@ at::Tensor LoraLinear::forward(const at::Tensor& x_NI, bool training) const {
 
 void LoraLinear::init_lora(const LoraOptions& options, const at::Generator& gen) {
   const double bound = 1.0 / std::sqrt(static_cast<double>(in_features()));
-  at::TensorOptions opts = weight_OI_.options().dtype(at::kFloat);
+  at::TensorOptions opts = weight_OI_.options().dtype(adapter_dtype(weight_OI_.scalar_type()));
   at::Tensor a = at::empty({options.r, in_features()}, opts.device(at::kCPU));
   a.uniform_(-bound, bound, gen);
   at::Tensor b = at::zeros({out_features(), options.r}, opts);
@@ -57,7 +58,7 @@ void LoraLinear::set_lora(const at::Tensor& a_rI, const at::Tensor& b_Or, double
              " but lora_B has rank ", b_Or.size(1));
   MOLE_CHECK(dropout >= 0.0 && dropout < 1.0, what, ": LoRA dropout must be in [0, 1), got ",
              dropout);
-  at::TensorOptions opts = weight_OI_.options().dtype(at::kFloat);
+  at::TensorOptions opts = weight_OI_.options().dtype(adapter_dtype(weight_OI_.scalar_type()));
   LoraWeights lora;
   lora.a_rI = a_rI.detach().to(opts, /*non_blocking=*/false, /*copy=*/true).requires_grad_(true);
   lora.b_Or = b_Or.detach().to(opts, /*non_blocking=*/false, /*copy=*/true).requires_grad_(true);

@@ -13,20 +13,21 @@
 namespace mole::moe {
 namespace {
 
-at::Tensor trainable_copy(const at::Tensor& t, const at::Device& device) {
-  return t.detach().to(at::TensorOptions(at::kFloat).device(device), false, true).requires_grad_(true);
+at::Tensor trainable_copy(const at::Tensor& t, const at::TensorOptions& options) {
+  return t.detach().to(options, false, true).requires_grad_(true);
 }
 
 // Dropout on the LoRA input of every routed row (each (token, expert) pair draws its own mask,
 // as calling each expert separately would).
-at::Tensor lora_input(const at::Tensor& rows, double dropout, bool training) {
-  at::Tensor x = rows.to(at::kFloat);
+at::Tensor lora_input(const at::Tensor& rows, at::ScalarType dtype, double dropout, bool training) {
+  at::Tensor x = rows.to(dtype);
   return training && dropout > 0.0 ? at::dropout(x, dropout, /*train=*/true) : x;
 }
 
 at::Tensor expert_delta(const at::Tensor& rows_NI, const ExpertLora& lora,
                         const kernels::PermutePlan& plan, bool training) {
-  return kernels::grouped_lora(lora_input(rows_NI, lora.dropout, training), lora.a_ErI, lora.b_EOr,
+  return kernels::grouped_lora(lora_input(rows_NI, lora.a_ErI.scalar_type(), lora.dropout, training),
+                               lora.a_ErI, lora.b_EOr,
                                plan.counts, lora.scale);
 }
 
@@ -43,18 +44,18 @@ void check_input(const at::Tensor& x, int64_t features, const std::string& site)
 
 }  // namespace
 
-ExpertLora ExpertLora::init(int64_t num_experts, int64_t in, int64_t out, const LoraOptions& options,
-                            const at::Device& device, const at::Generator& gen) {
+ExpertLora ExpertLora::init(int64_t num_experts, int64_t in, int64_t out, const LoraOptions& lora,
+                            const at::TensorOptions& options, const at::Generator& gen) {
   const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-  at::Tensor a = at::empty({num_experts, options.r, in}, at::kFloat);
+  at::Tensor a = at::empty({num_experts, lora.r, in}, at::kFloat);
   a.uniform_(-bound, bound, gen);
-  return from(a, at::zeros({num_experts, out, options.r}), in, out, options.scale(),
-              options.dropout, device, "initialised experts");
+  return from(a, at::zeros({num_experts, out, lora.r}), in, out, lora.scale(), lora.dropout,
+              options, "initialised experts");
 }
 
 ExpertLora ExpertLora::from(const at::Tensor& a_ErI, const at::Tensor& b_EOr, int64_t in,
-                            int64_t out, double scale, double dropout, const at::Device& device,
-                            const std::string& what) {
+                            int64_t out, double scale, double dropout,
+                            const at::TensorOptions& options, const std::string& what) {
   MOLE_CHECK(a_ErI.dim() == 3 && a_ErI.size(2) == in, what, ": expert lora_A must be [E, r, ", in,
              "], got ", a_ErI.sizes());
   MOLE_CHECK(b_EOr.dim() == 3 && b_EOr.size(1) == out, what, ": expert lora_B must be [E, ", out,
@@ -62,7 +63,9 @@ ExpertLora ExpertLora::from(const at::Tensor& a_ErI, const at::Tensor& b_EOr, in
   MOLE_CHECK(a_ErI.size(0) == b_EOr.size(0) && a_ErI.size(1) == b_EOr.size(2), what,
              ": expert lora_A ", a_ErI.sizes(), " and lora_B ", b_EOr.sizes(), " do not pair");
   MOLE_CHECK(dropout >= 0.0 && dropout < 1.0, what, ": dropout must be in [0, 1), got ", dropout);
-  return ExpertLora{trainable_copy(a_ErI, device), trainable_copy(b_EOr, device), scale, dropout};
+  const at::TensorOptions opts =
+      options.dtype(options.has_dtype() ? options.dtype().toScalarType() : at::kFloat);
+  return ExpertLora{trainable_copy(a_ErI, opts), trainable_copy(b_EOr, opts), scale, dropout};
 }
 
 FfnMoeSite::FfnMoeSite(std::string name, at::Tensor router_ED, ExpertLora gate, ExpertLora up,

@@ -31,12 +31,13 @@ struct ExpertLora {
   double dropout = 0.0;
 
   int64_t num_experts() const { return a_ErI.size(0); }
-  // A kaiming-uniform (bound 1/sqrt(I)), B zero, from `gen`.
-  static ExpertLora init(int64_t num_experts, int64_t in, int64_t out, const LoraOptions& options,
-                         const at::Device& device, const at::Generator& gen);
-  // Validates shapes against (E, in, out), copies to float32 on `device`, marks trainable.
+  // A kaiming-uniform (bound 1/sqrt(I)), B zero, from `gen`; `options`' dtype (float32 or
+  // float64, see precision.h) and device.
+  static ExpertLora init(int64_t num_experts, int64_t in, int64_t out, const LoraOptions& lora,
+                         const at::TensorOptions& options, const at::Generator& gen);
+  // Validates shapes against (E, in, out), copies to `options`' dtype and device, marks trainable.
   static ExpertLora from(const at::Tensor& a_ErI, const at::Tensor& b_EOr, int64_t in, int64_t out,
-                         double scale, double dropout, const at::Device& device,
+                         double scale, double dropout, const at::TensorOptions& options,
                          const std::string& what);
 };
 

@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "kernels/check.h"
+#include "moe/precision.h"
 
 namespace mole::moe {
 
@@ -77,7 +78,7 @@ at::Tensor router_logits(const at::Tensor& x_TD, const at::Tensor& weight_ED, do
              "router weight must be [E, ", x_TD.size(1), "], got ", weight_ED.sizes());
   MOLE_CHECK(jitter_noise >= 0.0 && jitter_noise < 1.0,
              "router option jitter_noise must be in [0, 1), got ", jitter_noise);
-  at::Tensor x = x_TD.to(at::kFloat);
+  at::Tensor x = x_TD.to(adapter_dtype(x_TD.scalar_type()));
   if (training && jitter_noise > 0.0) {
     at::Tensor noise_TD = at::empty_like(x);
     if (gen) {
@@ -87,7 +88,7 @@ at::Tensor router_logits(const at::Tensor& x_TD, const at::Tensor& weight_ED, do
     }
     x = x * noise_TD;
   }
-  return at::linear(x, weight_ED.to(at::kFloat));
+  return at::linear(x, weight_ED.to(x.scalar_type()));
 }
 
 at::Tensor normalized_tsallis_entropy(const at::Tensor& probs_TE, double q) {
@@ -186,7 +187,7 @@ RouterOutput route(const at::Tensor& logits_TE, const RouterOptions& options) {
   options.validate(num_experts);
 
   RouterOutput out;
-  out.logits_TE = logits_TE.to(at::kFloat);
+  out.logits_TE = logits_TE.to(adapter_dtype(logits_TE.scalar_type()));
   out.probs_TE = at::softmax(out.logits_TE, 1);
   // Sorting the logits rather than the probabilities: equal logits are exact ties, whereas
   // softmax may round equal inputs differently (vectorised body vs scalar tail). The stable

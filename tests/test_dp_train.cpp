@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
@@ -48,37 +49,49 @@ class DpTrain : public ::testing::Test {
   test::TempDir dir_;
 };
 
-TEST_F(DpTrain, TwoAndFourRanksReproduceOneRank) {
-  ASSERT_EQ(run(train_args(dir_.file("np1"), 8), dir_.file("log1")), 0) << test::read_bytes(dir_.file("log1"));
-  const std::vector<nlohmann::json> ref = metrics(dir_.file("np1"));
-  st::SafetensorsFile ref_adapter(dir_.file("np1/adapter/adapter_model.safetensors"));
-  ASSERT_EQ(ref.size(), 5u);
+// 1 rank with micro-batch 8 against np ranks with micro-batch 8/np: the same two accumulation steps
+// of 8 examples each. Returns the worst relative difference over the trained adapter tensors.
+double compare_with_one_rank(const test::TempDir& dir, const std::string& dtype) {
+  const std::string extra = " --set model.dtype=" + dtype;
+  const std::string ref_dir = dir.file(dtype + "-np1");
+  EXPECT_EQ(run(train_args(ref_dir, 8) + extra, dir.file("log")), 0) << test::read_bytes(dir.file("log"));
+  const std::vector<nlohmann::json> ref = metrics(ref_dir);
+  EXPECT_EQ(ref.size(), 5u);
+  st::SafetensorsFile ref_adapter(ref_dir + "/adapter/adapter_model.safetensors");
+  double worst = 0.0;
   for (int np : {2, 4}) {
-    const std::string out = dir_.file("np" + std::to_string(np));
-    // Micro-batch 8/np on each of np ranks: the same 2 accumulation steps of 8 examples each.
-    ASSERT_EQ(run(mpirun(np) + train_args(out, 8 / np), dir_.file("log")), 0)
-        << test::read_bytes(dir_.file("log"));
+    const std::string out = dir.file(dtype + "-np" + std::to_string(np));
+    EXPECT_EQ(run(mpirun(np) + train_args(out, 8 / np) + extra, dir.file("log")), 0)
+        << test::read_bytes(dir.file("log"));
     const std::vector<nlohmann::json> got = metrics(out);
-    ASSERT_EQ(got.size(), ref.size()) << "np " << np;
-    for (size_t i = 0; i < ref.size(); ++i) {
+    EXPECT_EQ(got.size(), ref.size()) << "np " << np;
+    for (size_t i = 0; i < std::min(ref.size(), got.size()); ++i) {
       for (const char* key : {"loss", "aux_loss", "load_balance", "grad_norm"}) {
         const double a = ref[i].at(key).get<double>(), b = got[i].at(key).get<double>();
         EXPECT_NEAR(b, a, 1e-5 * std::abs(a)) << key << " at step " << i + 1 << ", np " << np;
       }
     }
-    // Trained weights: after 5 AdamW steps float32 rounding differences between the two
-    // batchings (1e-7 in the gradients) are amplified where a gradient element changes sign
-    // across steps; they stay within 1e-3 relative per tensor.
     st::SafetensorsFile adapter(out + "/adapter/adapter_model.safetensors");
-    double worst = 0.0;
-    std::string worst_name;
     for (const std::string& name : ref_adapter.names()) {
-      const double err = test::rel_error(adapter.tensor(name), ref_adapter.tensor(name));
-      if (err > worst) worst = err, worst_name = name;
+      worst = std::max(worst, test::rel_error(adapter.tensor(name), ref_adapter.tensor(name)));
     }
-    RecordProperty("worst_weight_rel_error_np" + std::to_string(np), std::to_string(worst));
-    EXPECT_LT(worst, 1e-3) << worst_name << ", np " << np;
   }
+  return worst;
+}
+
+// MixLoRA with its load-balance loss and prompt masking, 5 steps of the demo model.
+TEST_F(DpTrain, TwoAndFourRanksReproduceOneRank) {
+  // float64: the data-parallel step is exact, so the trained weights agree to 1e-5 (in practice
+  // to ~1e-12).
+  const double worst64 = compare_with_one_rank(dir_, "fp64");
+  RecordProperty("worst_weight_rel_error_fp64", std::to_string(worst64));
+  EXPECT_LT(worst64, 1e-5);
+  // float32: losses agree to 1e-5 (checked inside); the weights differ more, because AdamW's
+  // first steps map each gradient element to about +-lr whatever its size, so float32 rounding
+  // (1e-7 of a tensor's norm) decides the update of elements whose gradient is near zero.
+  const double worst32 = compare_with_one_rank(dir_, "fp32");
+  RecordProperty("worst_weight_rel_error_fp32", std::to_string(worst32));
+  EXPECT_LT(worst32, 1e-3);
 }
 
 TEST_F(DpTrain, ConfigThatDiffersBetweenRanksIsRefused) {

@@ -367,14 +367,21 @@ TEST(RouterAll, ZeroTokensAndLowPrecisionLogits) {
 
 TEST(RouterLogits, LinearInFloatAndJitterOnlyInTraining) {
   at::manual_seed(5);
-  at::Tensor x = at::randn({6, 4}, at::kDouble);
-  at::Tensor w = at::randn({3, 4}, at::kDouble);
-  at::Tensor ref = at::matmul(x, w.t());
+  at::Tensor x = at::randn({6, 4});
+  at::Tensor w = at::randn({3, 4});
+  at::Tensor ref = at::matmul(x.to(at::kDouble), w.to(at::kDouble).t());
+  // bf16 and float32 inputs: float32 router math.
   at::Tensor z = moe::router_logits(x, w, 0.3, /*training=*/false, std::nullopt);
   EXPECT_EQ(z.scalar_type(), at::kFloat);
+  EXPECT_EQ(moe::router_logits(x.to(at::kBFloat16), w, 0.0, false, std::nullopt).scalar_type(),
+            at::kFloat);
   EXPECT_LT(test::rel_error(z, ref), 1e-6);
   EXPECT_TRUE(at::equal(z, moe::router_logits(x, w, 0.0, /*training=*/true, std::nullopt)));
-  EXPECT_TRUE(at::equal(z, at::linear(x.to(at::kFloat), w.to(at::kFloat))));
+  EXPECT_TRUE(at::equal(z, at::linear(x, w)));
+  // A float64 model keeps float64 (exactness checks).
+  at::Tensor z64 = moe::router_logits(x.to(at::kDouble), w, 0.0, false, std::nullopt);
+  EXPECT_EQ(z64.scalar_type(), at::kDouble);
+  EXPECT_LT(test::rel_error(z64, ref), 1e-12);
 }
 
 TEST(RouterLogits, JitterIsSeededAndBounded) {

@@ -1,23 +1,30 @@
-// Entry point of mole_dist_tests, run as 1 process and under mpirun: initialises MPI, runs the
-// tests on every rank, and makes all ranks agree on the verdict. Rank 0 prints the usual
-// GoogleTest output; the other ranks print only their failures, prefixed with their rank.
+// Entry point of mole_dist_tests, run as 1 process and under mpirun: initialises MPI, creates
+// the world communicator of every backend built in (Gloo's over MPI's), runs the tests on every
+// rank, and makes all ranks agree on the verdict. Rank 0 prints the usual GoogleTest output; the
+// other ranks print only their failures, prefixed with their rank.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <exception>
+#include <map>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "dist/mpi_communicator.h"
 #include "tests/dist/dist_test_util.h"
+#ifdef MOLE_HAVE_GLOO
+#include "dist/gloo_communicator.h"
+#endif
 
 namespace mole::dist::test {
 namespace {
 
 MpiRuntime* g_runtime = nullptr;
-Communicator* g_world = nullptr;
+std::map<std::string, Communicator*> g_worlds;  // by backend, for the life of run_tests
 
 class RankFailurePrinter : public ::testing::EmptyTestEventListener {
  public:
@@ -59,7 +66,21 @@ int run_tests(Communicator& world) {
 }  // namespace
 
 MpiRuntime& runtime() { return *g_runtime; }
-Communicator& world() { return *g_world; }
+Communicator& world() { return world("mpi"); }
+
+std::vector<std::string> backends() {
+#ifdef MOLE_HAVE_GLOO
+  return {"mpi", "gloo"};
+#else
+  return {"mpi"};
+#endif
+}
+
+Communicator& world(const std::string& backend) {
+  const auto it = g_worlds.find(backend);
+  if (it == g_worlds.end()) throw std::logic_error("no world communicator for " + backend);
+  return *it->second;
+}
 
 }  // namespace mole::dist::test
 
@@ -79,7 +100,12 @@ int main(int argc, char** argv) {
     std::unique_ptr<Communicator> world =
         MpiCommunicator::create_world(*runtime, test::kTestTimeout_s);
     test::g_runtime = &*runtime;
-    test::g_world = world.get();
+    test::g_worlds["mpi"] = world.get();
+#ifdef MOLE_HAVE_GLOO
+    std::unique_ptr<Communicator> gloo_world =
+        GlooCommunicator::create(*world, test::kTestTimeout_s);
+    test::g_worlds["gloo"] = gloo_world.get();
+#endif
     if (info.rank == 0) {
       std::printf("mole_dist_tests: %d rank(s), MPI provides %s\n", info.world,
                   to_string(runtime->thread_level()));
@@ -89,7 +115,7 @@ int main(int argc, char** argv) {
       std::printf("mole_dist_tests: %d failed test(s) summed over %d rank(s)\n", total_failures,
                   info.world);
     }
-    test::g_world = nullptr;
+    test::g_worlds.clear();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "mole_dist_tests: rank %d of %d: %s\n", info.rank, info.world, e.what());
     runtime->abort(1);

@@ -1,5 +1,6 @@
 // Shared pieces of the multi-rank tests (mole_dist_tests): the process's MPI runtime and world
-// communicator, a fixture giving each test its own communicator, and value helpers.
+// communicators (one per backend built in), fixtures giving each test its own communicator, and
+// value helpers.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,18 +20,41 @@ namespace mole::dist::test {
 constexpr double kTestTimeout_s = 60.0;
 
 MpiRuntime& runtime();
-Communicator& world();
+Communicator& world();  // MPI's
+// The backends the shared collective tests run on: "mpi", then "gloo" in builds with Gloo.
+std::vector<std::string> backends();
+// The world communicator of a backend from backends(); Gloo's is created over MPI's.
+Communicator& world(const std::string& backend);
 
-// Each test runs on a fresh communicator named "test" (split from the world), so a test that
+// Each test runs on a fresh communicator named "test" (split from a world), so a test that
 // leaves a collective unfinished on some rank cannot mismatch the collectives of the next one.
+inline std::shared_ptr<Communicator> test_comm(Communicator& world) {
+  return std::shared_ptr<Communicator>(world.split(0, world.rank(), "test", kTestTimeout_s));
+}
+
+// Tests of the MPI backend, or of what does not depend on the backend.
 class DistTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    comm_ = std::shared_ptr<Communicator>(world().split(0, world().rank(), "test", kTestTimeout_s));
-  }
+  void SetUp() override { comm_ = test_comm(world()); }
   Communicator& comm() { return *comm_; }
   std::shared_ptr<Communicator> comm_;
 };
+
+// Tests run once per backend (TEST_P, then MOLE_FOR_EACH_BACKEND(suite)): named
+// "Backends/Suite.Test/mpi" and ".../gloo".
+class BackendTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override { comm_ = test_comm(world(GetParam())); }
+  Communicator& comm() { return *comm_; }
+  std::shared_ptr<Communicator> comm_;
+};
+
+#define MOLE_FOR_EACH_BACKEND(suite)                                                   \
+  INSTANTIATE_TEST_SUITE_P(Backends, suite,                                            \
+                           ::testing::ValuesIn(::mole::dist::test::backends()),        \
+                           [](const ::testing::TestParamInfo<std::string>& backend) { \
+                             return backend.param;                                     \
+                           })
 
 // Elements as doubles (exact for the integer-valued test data), for EXPECT_EQ with readable output.
 inline std::vector<double> values(const at::Tensor& t) {

@@ -1,6 +1,6 @@
 // all_to_all with uneven splits along dim 0: hand-written split patterns (zero counts, a rank
 // that sends nothing, a rank that receives nothing, nothing at all), the counts-then-rows
-// exchange of expert dispatch, and the argument checks.
+// exchange of expert dispatch, and the argument checks; each test runs once per backend.
 // Data: element c of the i-th row that rank s sends to rank d is s * 1000 + d * 100 + i * 10 + c
 // (bf16, one element per row: s * 64 + d * 16 + i), so every received value names its source.
 #include "tests/dist/dist_test_util.h"
@@ -8,7 +8,7 @@
 namespace mole::dist::test {
 namespace {
 
-class AllToAll : public DistTest {};
+class AllToAll : public BackendTest {};
 
 // Rows that rank `src` sends to rank `dst`, as a closed form known to every rank.
 using RowsFn = std::function<int64_t(int src, int dst)>;
@@ -56,7 +56,7 @@ void check_exchange(Communicator& comm, const RowsFn& rows, at::ScalarType dtype
   EXPECT_EQ(values(output), values(expected));
 }
 
-TEST_F(AllToAll, UnevenSplitsEveryDtype) {
+TEST_P(AllToAll, UnevenSplitsEveryDtype) {
   auto rows = [](int src, int dst) -> int64_t { return src + dst + 1; };
   for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kLong, at::kInt}) {
     SCOPED_TRACE(c10::toString(dtype));
@@ -67,30 +67,30 @@ TEST_F(AllToAll, UnevenSplitsEveryDtype) {
   check_exchange(comm(), rows, at::kFloat, {});      // 1-D: one element per row
 }
 
-TEST_F(AllToAll, ZeroSplits) {
+TEST_P(AllToAll, ZeroSplits) {
   // Pairs with (src + 2 * dst) % 3 == 0 exchange nothing, rank 0 with itself among them.
   check_exchange(comm(), [](int src, int dst) -> int64_t { return (src + 2 * dst) % 3; },
                  at::kFloat, {3});
 }
 
-TEST_F(AllToAll, RankZeroSendsNothing) {
+TEST_P(AllToAll, RankZeroSendsNothing) {
   check_exchange(comm(), [](int src, int dst) -> int64_t { return src == 0 ? 0 : dst + 1; },
                  at::kFloat, {3});
 }
 
-TEST_F(AllToAll, LastRankReceivesNothing) {
+TEST_P(AllToAll, LastRankReceivesNothing) {
   const int last = comm().size() - 1;
   check_exchange(comm(), [last](int src, int dst) -> int64_t { return dst == last ? 0 : src + 1; },
                  at::kLong, {3});
 }
 
-TEST_F(AllToAll, NothingAtAll) {
+TEST_P(AllToAll, NothingAtAll) {
   check_exchange(comm(), [](int, int) -> int64_t { return 0; }, at::kFloat, {3});
 }
 
 // Expert dispatch's pattern: each rank knows only what it sends; one all_to_all of the counts
 // (one int64 per peer) tells it what it receives, then the rows follow.
-TEST_F(AllToAll, CountsThenRows) {
+TEST_P(AllToAll, CountsThenRows) {
   const int n = comm().size();
   const int r = comm().rank();
   auto rows = [](int src, int dst) -> int64_t { return (src * 3 + dst) % 4; };
@@ -107,7 +107,7 @@ TEST_F(AllToAll, CountsThenRows) {
   check_exchange(comm(), rows, at::kDouble, {3});
 }
 
-TEST_F(AllToAll, ArgumentErrorsPrintTheValues) {
+TEST_P(AllToAll, ArgumentErrorsPrintTheValues) {
   const int n = comm().size();
   const std::vector<int64_t> one_each(static_cast<size_t>(n), 1);
   at::Tensor input = at::zeros({n, 3}, at::kFloat);
@@ -133,6 +133,8 @@ TEST_F(AllToAll, ArgumentErrorsPrintTheValues) {
                             std::to_string(n) + ", 4] differ in their row shape");
   comm().barrier();
 }
+
+MOLE_FOR_EACH_BACKEND(AllToAll);
 
 }  // namespace
 }  // namespace mole::dist::test

@@ -1,19 +1,20 @@
 // all_reduce, reduce_scatter, all_gather, broadcast and barrier on every supported dtype, with
-// expected values from closed forms over the ranks, and the argument checks of the interface.
+// expected values from closed forms over the ranks, and the argument checks of the interface;
+// each test runs once per backend.
 // Data: element k of rank r is r * 1000 + k (bf16: r * 8 + k, so every value stays exact).
 #include "tests/dist/dist_test_util.h"
 
 namespace mole::dist::test {
 namespace {
 
-class Collectives : public DistTest {};
+class Collectives : public BackendTest {};
 
 const at::ScalarType kExactDtypes[] = {at::kFloat, at::kDouble, at::kLong, at::kInt};
 
 // Per-rank scale of the test data: bf16 holds integers exactly only up to 256.
 double rank_step(at::ScalarType dtype) { return dtype == at::kBFloat16 ? 8.0 : 1000.0; }
 
-TEST_F(Collectives, AllReduceSumMaxMin) {
+TEST_P(Collectives, AllReduceSumMaxMin) {
   const int n = comm().size();
   const int r = comm().rank();
   std::vector<at::ScalarType> dtypes(std::begin(kExactDtypes), std::end(kExactDtypes));
@@ -42,7 +43,7 @@ TEST_F(Collectives, AllReduceSumMaxMin) {
   }
 }
 
-TEST_F(Collectives, ManyInFlightWaitedInReverseOrder) {
+TEST_P(Collectives, ManyInFlightWaitedInReverseOrder) {
   const int n = comm().size();
   const int r = comm().rank();
   std::vector<at::Tensor> xs;
@@ -61,7 +62,7 @@ TEST_F(Collectives, ManyInFlightWaitedInReverseOrder) {
   }
 }
 
-TEST_F(Collectives, ReduceScatterSumsEachRanksBlock) {
+TEST_P(Collectives, ReduceScatterSumsEachRanksBlock) {
   const int n = comm().size();
   const int r = comm().rank();
   const int64_t m = 3;  // rows per rank; each row has 2 elements
@@ -79,7 +80,7 @@ TEST_F(Collectives, ReduceScatterSumsEachRanksBlock) {
   }
 }
 
-TEST_F(Collectives, AllGatherStacksRanksInOrder) {
+TEST_P(Collectives, AllGatherStacksRanksInOrder) {
   const int n = comm().size();
   const int r = comm().rank();
   const int64_t m = 2;
@@ -96,7 +97,7 @@ TEST_F(Collectives, AllGatherStacksRanksInOrder) {
   }
 }
 
-TEST_F(Collectives, BroadcastFromTheLastRank) {
+TEST_P(Collectives, BroadcastFromTheLastRank) {
   const int n = comm().size();
   const int r = comm().rank();
   const int root = n - 1;  // non-zero whenever there are two ranks or more
@@ -111,7 +112,7 @@ TEST_F(Collectives, BroadcastFromTheLastRank) {
   }
 }
 
-TEST_F(Collectives, EmptyTensors) {
+TEST_P(Collectives, EmptyTensors) {
   const int n = comm().size();
   at::Tensor x = at::empty({0, 4}, at::kFloat);
   comm().all_reduce(x, ReduceOp::kSum)->wait();
@@ -123,7 +124,7 @@ TEST_F(Collectives, EmptyTensors) {
   EXPECT_EQ(gathered.numel(), 0);
 }
 
-TEST_F(Collectives, BarrierKeepsCollectivesMatched) {
+TEST_P(Collectives, BarrierKeepsCollectivesMatched) {
   const int n = comm().size();
   for (int i = 0; i < 3; ++i) comm().barrier();
   at::Tensor x = at::ones({1}, at::kLong);
@@ -133,7 +134,7 @@ TEST_F(Collectives, BarrierKeepsCollectivesMatched) {
 }
 
 // Every rank passes the same bad arguments, so every rank throws before anything is started.
-TEST_F(Collectives, ArgumentErrorsPrintTheValues) {
+TEST_P(Collectives, ArgumentErrorsPrintTheValues) {
   const int n = comm().size();
   const std::string where = "on communicator 'test' (rank " + std::to_string(comm().rank()) +
                             " of " + std::to_string(n) + "): ";
@@ -170,6 +171,8 @@ TEST_F(Collectives, ArgumentErrorsPrintTheValues) {
   // Nothing was started: the communicator still works.
   comm().barrier();
 }
+
+MOLE_FOR_EACH_BACKEND(Collectives);
 
 }  // namespace
 }  // namespace mole::dist::test

@@ -1,12 +1,12 @@
 // ParallelDims validation and the EP / EDP groups of ProcessGrid (DESIGN.md §4): membership is
-// checked by all-gathering world ranks over each group.
+// checked by all-gathering world ranks over each group. The grid tests run once per backend.
 #include "dist/process_grid.h"
 #include "tests/dist/dist_test_util.h"
 
 namespace mole::dist::test {
 namespace {
 
-class Grid : public DistTest {};
+class Grid : public BackendTest {};
 
 std::vector<double> members(Communicator& group, int world_rank) {
   at::Tensor mine = at::full({1}, world_rank, at::kLong);
@@ -37,7 +37,7 @@ TEST(ParallelDims, InvalidLayoutsNameTheNumbers) {
 }
 
 // Every ep that divides the world, ep = 1 and ep = world included.
-TEST_F(Grid, GroupsForEveryValidEp) {
+TEST_P(Grid, GroupsForEveryValidEp) {
   const int n = comm().size();
   const int r = comm().rank();
   for (int ep = 1; ep <= n; ++ep) {
@@ -59,7 +59,7 @@ TEST_F(Grid, GroupsForEveryValidEp) {
   }
 }
 
-TEST_F(Grid, WorldFourWithEpTwo) {
+TEST_P(Grid, WorldFourWithEpTwo) {
   if (comm().size() != 4) GTEST_SKIP() << "needs exactly four ranks";
   const int r = comm().rank();
   ProcessGrid grid(ParallelDims{4, 2}, comm_);
@@ -71,7 +71,7 @@ TEST_F(Grid, WorldFourWithEpTwo) {
   EXPECT_EQ(members(grid.edp(), r), edp_group);
 }
 
-TEST_F(Grid, InvalidLayoutFailsOnEveryRank) {
+TEST_P(Grid, InvalidLayoutFailsOnEveryRank) {
   const int n = comm().size();
   EXPECT_ERROR_CONTAINS(ProcessGrid(ParallelDims{n, n + 1}, comm_),
                         "world size " + std::to_string(n) +
@@ -82,7 +82,7 @@ TEST_F(Grid, InvalidLayoutFailsOnEveryRank) {
   comm().barrier();
 }
 
-TEST_F(Grid, LayoutThatDiffersBetweenRanksFailsOnEveryRank) {
+TEST_P(Grid, LayoutThatDiffersBetweenRanksFailsOnEveryRank) {
   const int n = comm().size();
   if (n < 2) GTEST_SKIP() << "needs two ranks or more";
   // Rank 0 asks for ep = 1, the others for ep = n: valid everywhere, but not the same layout.
@@ -97,6 +97,8 @@ TEST_F(Grid, LayoutThatDiffersBetweenRanksFailsOnEveryRank) {
   EXPECT_ERROR_CONTAINS(ProcessGrid(ParallelDims{n, bad_ep}, comm_), expected);
   comm().barrier();
 }
+
+MOLE_FOR_EACH_BACKEND(Grid);
 
 }  // namespace
 }  // namespace mole::dist::test
