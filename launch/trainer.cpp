@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
@@ -21,8 +22,8 @@
 #include "checkpoint/adapter_export.h"
 #include "checkpoint/model_loader.h"
 #include "checkpoint/moe_peft_adapter.h"
+#include "dist/backend.h"
 #include "dist/communicator.h"
-#include "dist/mpi_communicator.h"
 #include "dist/process_grid.h"
 #include "dist/runtime.h"
 #include "kernels/check.h"
@@ -37,6 +38,14 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 bool is_synthetic_base(const Config& c) { return c.model.base == "synthetic:tiny"; }
+
+// GPU ranks bind to their node-local device: local rank modulo the GPUs this process sees.
+at::Device model_device(const Config& c) {
+  if (c.model.device != "cuda") return at::Device(at::kCPU);
+  const int gpus = at::detail::getCUDAHooks().getNumGPUs();
+  const int local = dist::detect_rank_info().local_rank;
+  return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(gpus > 0 ? local % gpus : 0));
+}
 
 double peak_memory_mib() {
   struct rusage usage;
@@ -56,8 +65,6 @@ std::string format_duration(double seconds) {
 void check_supported(const Config& c) {
   MOLE_CHECK(c.parallel.ep == 1, "parallel.ep = ", c.parallel.ep,
              ": expert parallelism is not available yet (data parallelism is: parallel.ep = 1)");
-  MOLE_CHECK(c.parallel.backend == "auto" || c.parallel.backend == "mpi", "parallel.backend = ",
-             c.parallel.backend, ": only the MPI backend is available yet (auto | mpi)");
   MOLE_CHECK(c.parallel.zero == 0, "parallel.zero = ", c.parallel.zero,
              ": ZeRO optimizer sharding is not available yet");
   MOLE_CHECK(!c.parallel.base_shard, "parallel.base_shard: frozen-base sharding is not available yet");
@@ -193,7 +200,7 @@ Trainer::Trainer(Config config, std::shared_ptr<dist::ProcessGrid> grid)
                                   .dtype(c.model.dtype == "bf16"   ? at::kBFloat16
                                          : c.model.dtype == "fp64" ? at::kDouble
                                                                    : at::kFloat)
-                                  .device(c.model.device == "cuda" ? at::kCUDA : at::kCPU);
+                                  .device(model_device(c));
   if (synthetic) {
     model_ = std::make_unique<moe::CausalLM>(synthetic_tiny_config(tokenizer_->vocab_size()), options);
     model_->init_base_random(impl_->gen);
@@ -260,7 +267,7 @@ StepResult Trainer::accumulate_gradients() {
   moe::SumOverRanks sum_over_ranks;
   if (world() > 1) {
     sum_over_ranks = [this](const at::Tensor& t) {
-      at::Tensor buffer = t.detach().to(at::kCPU).contiguous().clone();
+      at::Tensor buffer = t.detach().to(grid_->world().tensor_device()).contiguous().clone();
       grid_->world().all_reduce(buffer, dist::ReduceOp::kSum)->wait();
       return buffer.to(t.device());
     };
@@ -299,7 +306,8 @@ StepResult Trainer::accumulate_gradients() {
     reduce_gradients();
     // The LM loss adds up over ranks (each normalised by the global token count); the aux losses
     // were already formed from global statistics and agree on every rank.
-    at::Tensor totals = at::tensor({r.loss, static_cast<double>(r.tokens)}, at::kDouble);
+    at::Tensor totals = at::tensor({r.loss, static_cast<double>(r.tokens)}, at::kDouble)
+                            .to(grid_->world().tensor_device());
     grid_->world().all_reduce(totals, dist::ReduceOp::kSum)->wait();
     r.loss = totals[0].item<double>();
     r.tokens = static_cast<int64_t>(std::llround(totals[1].item<double>()));
@@ -324,7 +332,7 @@ void Trainer::reduce_gradients() {
     for (size_t i = begin; i < end; ++i) {
       at::Tensor p = params[i].second;
       if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
-      grads.push_back(p.grad().reshape({-1}).to(at::kCPU));
+      grads.push_back(p.grad().reshape({-1}).to(grid_->world().tensor_device()));
     }
     at::Tensor flat = at::cat(grads);
     grid_->world().all_reduce(flat, dist::ReduceOp::kSum)->wait();
@@ -499,16 +507,21 @@ namespace {
 // several ranks. Declared in this order so that the grid and communicators go before MPI.
 struct DistributedRun {
   std::unique_ptr<dist::MpiRuntime> runtime;
+  std::shared_ptr<dist::Communicator> bootstrap;  // MPI world, kept for Gloo/NCCL
   std::shared_ptr<dist::ProcessGrid> grid;
 };
 
 // Collective over every rank: the world communicator, the config check, the grid.
-std::shared_ptr<dist::ProcessGrid> build_grid(const dist::MpiRuntime& runtime, const Config& config) {
-  std::shared_ptr<dist::Communicator> world =
-      dist::MpiCommunicator::create_world(runtime, config.parallel.timeout_s);
+void build_grid(DistributedRun& run, const Config& config) {
+  dist::WorldCommunicator made = dist::make_world_communicator(
+      config.parallel.backend, *run.runtime, config.model.device == "cuda",
+      run.runtime->rank_info().local_rank, config.parallel.timeout_s);
+  run.bootstrap = made.bootstrap;
+  std::shared_ptr<dist::Communicator> world = made.comm;
   // Every rank must train the same thing: compare a digest of the resolved config.
   const uint64_t digest = config_digest(config);
-  at::Tensor mine = at::tensor({static_cast<int64_t>(digest >> 1)}, at::kLong);
+  at::Tensor mine =
+      at::tensor({static_cast<int64_t>(digest >> 1)}, at::kLong).to(world->tensor_device());
   at::Tensor low = mine.clone(), high = mine.clone();
   world->all_reduce(low, dist::ReduceOp::kMin)->wait();
   world->all_reduce(high, dist::ReduceOp::kMax)->wait();
@@ -517,10 +530,9 @@ std::shared_ptr<dist::ProcessGrid> build_grid(const dist::MpiRuntime& runtime, c
              high.item<int64_t>(), "); start every rank with the same config file and --set options");
   dist::ParallelDims dims{world->size(), static_cast<int>(config.parallel.ep)};
   dims.validate();
-  auto grid = std::make_shared<dist::ProcessGrid>(dims, world);
+  run.grid = std::make_shared<dist::ProcessGrid>(dims, world);
   if (world->rank() != 0) spdlog::set_level(spdlog::level::warn);
-  spdlog::info("data parallel over {} ranks (MPI)", world->size());
-  return grid;
+  spdlog::info("data parallel over {} ranks ({} backend)", world->size(), world->backend());
 }
 
 }  // namespace
@@ -531,7 +543,7 @@ void run_train(const TrainOptions& options) {
   if (dist::detect_rank_info().world > 1) distributed.runtime = std::make_unique<dist::MpiRuntime>();
   const int rank = distributed.runtime ? distributed.runtime->rank_info().rank : 0;
   try {
-    if (distributed.runtime) distributed.grid = build_grid(*distributed.runtime, config);
+    if (distributed.runtime) build_grid(distributed, config);
     Trainer trainer(std::move(config), distributed.grid);
     TrainSummary s = trainer.run();
     if (rank != 0) return;
@@ -549,6 +561,7 @@ void run_train(const TrainOptions& options) {
       // Report, then end every rank: peers may be waiting in a collective this rank left.
       spdlog::error("rank {}: {}", rank, e.what());
       distributed.grid.reset();
+      distributed.bootstrap.reset();
       distributed.runtime->abort(1);
     }
     throw;

@@ -51,8 +51,9 @@ class DpTrain : public ::testing::Test {
 
 // 1 rank with micro-batch 8 against np ranks with micro-batch 8/np: the same two accumulation steps
 // of 8 examples each. Returns the worst relative difference over the trained adapter tensors.
-double compare_with_one_rank(const test::TempDir& dir, const std::string& dtype) {
-  const std::string extra = " --set model.dtype=" + dtype;
+double compare_with_one_rank(const test::TempDir& dir, const std::string& dtype,
+                             const std::string& backend = "mpi") {
+  const std::string extra = " --set model.dtype=" + dtype + " --set parallel.backend=" + backend;
   const std::string ref_dir = dir.file(dtype + "-np1");
   EXPECT_EQ(run(train_args(ref_dir, 8) + extra, dir.file("log")), 0) << test::read_bytes(dir.file("log"));
   const std::vector<nlohmann::json> ref = metrics(ref_dir);
@@ -60,7 +61,7 @@ double compare_with_one_rank(const test::TempDir& dir, const std::string& dtype)
   st::SafetensorsFile ref_adapter(ref_dir + "/adapter/adapter_model.safetensors");
   double worst = 0.0;
   for (int np : {2, 4}) {
-    const std::string out = dir.file(dtype + "-np" + std::to_string(np));
+    const std::string out = dir.file(backend + "-" + dtype + "-np" + std::to_string(np));
     EXPECT_EQ(run(mpirun(np) + train_args(out, 8 / np) + extra, dir.file("log")), 0)
         << test::read_bytes(dir.file("log"));
     const std::vector<nlohmann::json> got = metrics(out);
@@ -93,6 +94,14 @@ TEST_F(DpTrain, TwoAndFourRanksReproduceOneRank) {
   RecordProperty("worst_weight_rel_error_fp32", std::to_string(worst32));
   EXPECT_LT(worst32, 1e-3);
 }
+
+#ifdef MOLE_HAVE_GLOO
+TEST_F(DpTrain, GlooBackendReproducesOneRank) {
+  const double worst = compare_with_one_rank(dir_, "fp64", "gloo");
+  RecordProperty("worst_weight_rel_error_gloo_fp64", std::to_string(worst));
+  EXPECT_LT(worst, 1e-5);
+}
+#endif
 
 TEST_F(DpTrain, ConfigThatDiffersBetweenRanksIsRefused) {
   // Two app contexts of one job (MPMD): rank 1 gets another learning rate.
