@@ -529,7 +529,10 @@ void build_grid(DistributedRun& run, const Config& config) {
              ": the resolved config differs between ranks (digests ", low.item<int64_t>(), " .. ",
              high.item<int64_t>(), "); start every rank with the same config file and --set options");
   dist::ParallelDims dims{world->size(), static_cast<int>(config.parallel.ep)};
-  dims.validate();
+  // Checked before any model is loaded; per-layer counts are checked again per site.
+  const bool moe_method = config.adapter.method != "lora";
+  const bool uniform = config.adapter.experts_list.empty() && config.adapter.experts_pattern.empty();
+  dims.validate(moe_method && uniform ? config.adapter.experts : 0);
   run.grid = std::make_shared<dist::ProcessGrid>(dims, world);
   if (world->rank() != 0) spdlog::set_level(spdlog::level::warn);
   spdlog::info("data parallel over {} ranks ({} backend)", world->size(), world->backend());

@@ -103,6 +103,17 @@ TEST_F(DpTrain, GlooBackendReproducesOneRank) {
 }
 #endif
 
+TEST_F(DpTrain, InvalidLayoutsAreStartUpErrors) {
+  const std::string base = train_args(dir_.file("run"), 4);
+  EXPECT_NE(run(mpirun(3) + base + " --set parallel.ep=2", dir_.file("log")), 0);
+  std::string log = test::read_bytes(dir_.file("log"));
+  EXPECT_NE(log.find("world size 3 is not divisible by parallel.ep = 2"), std::string::npos) << log;
+  EXPECT_EQ(log.find("training examples"), std::string::npos) << "nothing is built before the check";
+  EXPECT_NE(run(mpirun(2) + base + " --set parallel.ep=2 --set adapter.experts=3", dir_.file("log")), 0);
+  log = test::read_bytes(dir_.file("log"));
+  EXPECT_NE(log.find("3 experts cannot be split over parallel.ep = 2"), std::string::npos) << log;
+}
+
 TEST_F(DpTrain, ConfigThatDiffersBetweenRanksIsRefused) {
   // Two app contexts of one job (MPMD): rank 1 gets another learning rate.
   const std::string base = train_args(dir_.file("run"), 4);
