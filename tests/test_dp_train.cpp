@@ -85,20 +85,20 @@ TEST_F(DpTrain, TwoAndFourRanksReproduceOneRank) {
   // float64: the data-parallel step is exact, so the trained weights agree to 1e-5 (in practice
   // to ~1e-12).
   const double worst64 = compare_with_one_rank(dir_, "fp64");
-  RecordProperty("worst_weight_rel_error_fp64", std::to_string(worst64));
+  RecordProperty("worst_weight_rel_error_fp64", test::sci(worst64));
   EXPECT_LT(worst64, 1e-5);
   // float32: losses agree to 1e-5 (checked inside); the weights differ more, because AdamW's
   // first steps map each gradient element to about +-lr whatever its size, so float32 rounding
   // (1e-7 of a tensor's norm) decides the update of elements whose gradient is near zero.
   const double worst32 = compare_with_one_rank(dir_, "fp32");
-  RecordProperty("worst_weight_rel_error_fp32", std::to_string(worst32));
+  RecordProperty("worst_weight_rel_error_fp32", test::sci(worst32));
   EXPECT_LT(worst32, 1e-3);
 }
 
 #ifdef MOLE_HAVE_GLOO
 TEST_F(DpTrain, GlooBackendReproducesOneRank) {
   const double worst = compare_with_one_rank(dir_, "fp64", "gloo");
-  RecordProperty("worst_weight_rel_error_gloo_fp64", std::to_string(worst));
+  RecordProperty("worst_weight_rel_error_gloo_fp64", test::sci(worst));
   EXPECT_LT(worst, 1e-5);
 }
 #endif

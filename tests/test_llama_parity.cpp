@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <map>
 
 #include "checkpoint/model_loader.h"
@@ -40,7 +41,8 @@ TEST_F(TinyLlamaParity, BaseLogitsAndLoss) {
   double logits_err = rel_error(logits, reference_->tensor("base_logits"));
   double loss_err = rel_error(moe::causal_lm_loss(logits, labels_).reshape({1}),
                               reference_->tensor("base_loss"));
-  RecordProperty("logits_rel_error", std::to_string(logits_err));
+  RecordProperty("logits_rel_error", test::sci(logits_err));
+  RecordProperty("loss_rel_error", test::sci(loss_err));
   EXPECT_LT(logits_err, kLogitsTol);
   EXPECT_LT(loss_err, kLogitsTol);
 }
@@ -50,14 +52,19 @@ TEST_F(TinyLlamaParity, PeftLoraLogitsLossAndGradients) {
   EXPECT_EQ(ckpt::load_peft_adapter(*model, test::tiny_llama_dir() + "/peft_lora"), 14);
   at::Tensor logits = model->forward(input_ids_);
   at::Tensor loss = moe::causal_lm_loss(logits, labels_);
-  EXPECT_LT(rel_error(logits, reference_->tensor("peft_lora_logits")), kLogitsTol);
-  EXPECT_LT(rel_error(loss.reshape({1}), reference_->tensor("peft_lora_loss")), kLogitsTol);
+  const double logits_err = rel_error(logits, reference_->tensor("peft_lora_logits"));
+  const double loss_err = rel_error(loss.reshape({1}), reference_->tensor("peft_lora_loss"));
+  RecordProperty("logits_rel_error", test::sci(logits_err));
+  RecordProperty("loss_rel_error", test::sci(loss_err));
+  EXPECT_LT(logits_err, kLogitsTol);
+  EXPECT_LT(loss_err, kLogitsTol);
 
   loss.backward();
   std::map<std::string, at::Tensor> params;
   for (const auto& [name, tensor] : model->lora_parameters()) params[name] = tensor;
   const std::string prefix = "peft_lora_grad.";
   int checked = 0;
+  double worst = 0.0;
   for (const std::string& key : reference_->names()) {
     if (key.rfind(prefix, 0) != 0) continue;
     const std::string name = key.substr(prefix.size());
@@ -65,8 +72,10 @@ TEST_F(TinyLlamaParity, PeftLoraLogitsLossAndGradients) {
     ASSERT_TRUE(params[name].grad().defined()) << name << " received no gradient";
     double err = rel_error(params[name].grad(), reference_->tensor(key));
     EXPECT_LT(err, kGradTol) << name;
+    worst = std::max(worst, err);
     ++checked;
   }
+  RecordProperty("worst_grad_rel_error", test::sci(worst));
   EXPECT_EQ(checked, 16);  // every gradient listed in fixtures/hf-tiny-llama/README.json
 }
 

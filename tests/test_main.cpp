@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <cstdio>
 #include <random>
 
 #include "tests/test_util.h"
@@ -25,6 +26,12 @@ std::string fixtures_dir() {
 }
 
 std::string tiny_llama_dir() { return fixtures_dir() + "/hf-tiny-llama"; }
+
+std::string sci(double value) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3e", value);
+  return buf;
+}
 
 double rel_error(const at::Tensor& x, const at::Tensor& ref) {
   at::Tensor a = x.detach().to(at::kCPU, at::kDouble);

@@ -38,7 +38,7 @@ TEST(MoeImport, MixLoraMatchesAuthorsPackage) {
     logits = model->forward(ref.tensor("input_ids"), ctx);
   }
   const double err = test::rel_error(logits, ref.tensor("mixlora_logits"));
-  RecordProperty("mixlora_rel_error", std::to_string(err));
+  RecordProperty("mixlora_rel_error", test::sci(err));
   EXPECT_LT(err, 1e-4);
   EXPECT_EQ(ctx.sites.size(), 2u);
   EXPECT_EQ(ctx.sites[0].stats.num_pairs, 2 * 16 * 2);  // every token, top-2

@@ -12,6 +12,9 @@ namespace mole::test {
 std::string fixtures_dir();
 std::string tiny_llama_dir();  // fixtures_dir() + "/hf-tiny-llama"
 
+// A number in scientific notation, for RecordProperty.
+std::string sci(double value);
+
 // ||x - ref|| / ||ref|| in float64.
 double rel_error(const at::Tensor& x, const at::Tensor& ref);
 
