@@ -79,13 +79,14 @@ class GatherStore final : public gloo::rendezvous::Store {
   void set(const std::string& key, const std::vector<char>& data) override {
     const int n = over_.size();
     // Sync point: the sizes of every rank's key and value, then the bytes, padded to the longest.
-    at::Tensor sizes = at::tensor({static_cast<int64_t>(key.size()),
-                                   static_cast<int64_t>(data.size())}, at::kLong);
+    at::Tensor sizes = at::tensor(
+        {static_cast<int64_t>(key.size()), static_cast<int64_t>(data.size())}, at::kLong);
     at::Tensor all_sizes = at::empty({2 * n}, at::kLong);
     over_.all_gather(sizes, all_sizes)->wait();
     const int64_t* size_of = all_sizes.data_ptr<int64_t>();
     int64_t max_bytes = 0;
-    for (int p = 0; p < n; ++p) max_bytes = std::max(max_bytes, size_of[2 * p] + size_of[2 * p + 1]);
+    for (int p = 0; p < n; ++p)
+      max_bytes = std::max(max_bytes, size_of[2 * p] + size_of[2 * p + 1]);
     const int64_t words = std::max<int64_t>(1, (max_bytes + 7) / 8);
     at::Tensor mine = at::zeros({words}, at::kLong);
     char* out = static_cast<char*>(mine.data_ptr());
@@ -127,8 +128,8 @@ class GatherStore final : public gloo::rendezvous::Store {
 
 std::string host_name() {
   char name[256] = {};
-  MOLE_CHECK(gethostname(name, sizeof(name) - 1) == 0, "gethostname failed: ",
-             std::strerror(errno));
+  MOLE_CHECK(gethostname(name, sizeof(name) - 1) == 0,
+             "gethostname failed: ", std::strerror(errno));
   return name;
 }
 
@@ -150,7 +151,8 @@ std::string describe_attr(const gloo::transport::tcp::attr& attr) {
 }
 
 // Connects rank `rank` of a group of `size` to every other member, swapping addresses with
-// all_gathers over `over` (`member`: which ranks of `over` are in this rank's group).
+// all_gathers over `over` (`member`: which ranks of `over` are in this rank's group). Collective
+// over all of `over`.
 std::shared_ptr<gloo::Context> connect_mesh(int rank, int size, Communicator& over,
                                             std::vector<bool> member,
                                             std::shared_ptr<gloo::transport::Device> device,
@@ -158,11 +160,20 @@ std::shared_ptr<gloo::Context> connect_mesh(int rank, int size, Communicator& ov
   auto context = std::make_shared<gloo::rendezvous::Context>(rank, size);
   context->setTimeout(to_millis(timeout_s));
   GatherStore store(over, std::move(member));
+  std::string error;
   try {
     context->connectFullMesh(store, device);
   } catch (const std::exception& e) {
-    MOLE_FAIL(where, ": Gloo rendezvous failed: ", e.what());
+    error = e.what();
   }
+  // Sync point: nobody returns before every rank has connected. connectFullMesh connects its
+  // pairs one by one, and a pair that a peer already closed fails its connect: without this, a
+  // rank that destroys the new communicator at once (having nothing to send) breaks the
+  // rendezvous of a slower peer. A failure on one rank fails every rank here too.
+  at::Tensor failed = at::full({1}, error.empty() ? 0 : 1, at::kLong);
+  over.all_reduce(failed, ReduceOp::kMax)->wait();
+  MOLE_CHECK(error.empty(), where, ": Gloo rendezvous failed: ", error);
+  MOLE_CHECK(failed.item<int64_t>() == 0, where, ": the Gloo rendezvous failed on another rank");
   return context;
 }
 
@@ -261,12 +272,10 @@ std::unique_ptr<GlooCommunicator> GlooCommunicator::create(Communicator& bootstr
   state->context = connect_mesh(bootstrap.rank(), bootstrap.size(), bootstrap,
                                 std::vector<bool>(static_cast<size_t>(bootstrap.size()), true),
                                 state->device, timeout_s, where);
-  return std::unique_ptr<GlooCommunicator>(
-      new GlooCommunicator(std::move(state), name, timeout_s));
+  return std::unique_ptr<GlooCommunicator>(new GlooCommunicator(std::move(state), name, timeout_s));
 }
 
-GlooCommunicator::GlooCommunicator(std::unique_ptr<State> state, std::string name,
-                                   double timeout_s)
+GlooCommunicator::GlooCommunicator(std::unique_ptr<State> state, std::string name, double timeout_s)
     : state_(std::move(state)),
       name_(std::move(name)),
       timeout_s_(timeout_s),
@@ -334,8 +343,7 @@ std::shared_ptr<Work> GlooCommunicator::all_gather_impl(const at::Tensor& input,
   });
 }
 
-std::shared_ptr<Work> GlooCommunicator::all_to_all_impl(const at::Tensor& input,
-                                                        at::Tensor& output,
+std::shared_ptr<Work> GlooCommunicator::all_to_all_impl(const at::Tensor& input, at::Tensor& output,
                                                         const std::vector<int64_t>& send_rows,
                                                         const std::vector<int64_t>& recv_rows) {
   return run("all_to_all", [&](uint32_t tag) {

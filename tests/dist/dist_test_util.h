@@ -49,12 +49,10 @@ class BackendTest : public ::testing::TestWithParam<std::string> {
   std::shared_ptr<Communicator> comm_;
 };
 
-#define MOLE_FOR_EACH_BACKEND(suite)                                                   \
-  INSTANTIATE_TEST_SUITE_P(Backends, suite,                                            \
-                           ::testing::ValuesIn(::mole::dist::test::backends()),        \
-                           [](const ::testing::TestParamInfo<std::string>& backend) { \
-                             return backend.param;                                     \
-                           })
+#define MOLE_FOR_EACH_BACKEND(suite)                                        \
+  INSTANTIATE_TEST_SUITE_P(                                                 \
+      Backends, suite, ::testing::ValuesIn(::mole::dist::test::backends()), \
+      [](const ::testing::TestParamInfo<std::string>& backend) { return backend.param; })
 
 // Elements as doubles (exact for the integer-valued test data), for EXPECT_EQ with readable output.
 inline std::vector<double> values(const at::Tensor& t) {

@@ -108,29 +108,3 @@ TEST_F(Gloo, TimedOutBarrierFailsTheWaitingRanksAndBreaksTheCommunicator) {
 
 }  // namespace
 }  // namespace mole::dist::test
-// TEMPORARY stress
-namespace mole::dist::test {
-namespace {
-void stress(bool sync_after_destroy, bool sync_before_destroy) {
-  const int r = world().rank();
-  int failures = 0;
-  for (int i = 0; i < 150; ++i) {
-    try {
-      std::unique_ptr<Communicator> c = world("gloo").split(0, r, "s", 20);
-      at::Tensor x = at::ones({3}, at::kFloat);
-      c->all_reduce(x, ReduceOp::kSum)->wait();
-      if (sync_before_destroy) world().barrier();
-    } catch (const std::exception& e) {
-      ++failures;
-      std::fprintf(stderr, "[rank %d] iter %d: %s\n", r, i, e.what());
-      break;
-    }
-    if (sync_after_destroy) world().barrier();
-  }
-  EXPECT_EQ(failures, 0);
-}
-TEST(GlooStress, NoSync) { stress(false, false); }
-TEST(GlooStress, SyncBeforeDestroy) { stress(false, true); }
-TEST(GlooStress, SyncAfterDestroy) { stress(true, false); }
-}  // namespace
-}  // namespace mole::dist::test
