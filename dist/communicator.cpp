@@ -4,9 +4,11 @@
 
 #include <ATen/ATen.h>
 
+#include <chrono>
 #include <cmath>
 #include <numeric>
 #include <sstream>
+#include <thread>
 
 #include "kernels/check.h"
 
@@ -157,6 +159,28 @@ std::unique_ptr<Communicator> Communicator::split(int color, int key, const std:
   MOLE_CHECK(timeout_s > 0 && !std::isnan(timeout_s), where("split", *this), "timeout_s ",
              timeout_s, " for group '", name, "' must be positive");
   return split_impl(color, key, name, timeout_s);
+}
+
+bool poll_until(const std::function<bool()>& poll, double timeout_s) {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point now = Clock::now();
+  const std::chrono::duration<double> budget(timeout_s);
+  const Clock::time_point deadline =
+      budget >= Clock::time_point::max() - now
+          ? Clock::time_point::max()
+          : now + std::chrono::duration_cast<Clock::duration>(budget);
+  int spins = 0;
+  auto pause = std::chrono::microseconds(1);
+  while (!poll()) {
+    if (Clock::now() >= deadline) return false;
+    if (spins < 64) {
+      ++spins;
+      continue;
+    }
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::microseconds(100));
+  }
+  return true;
 }
 
 }  // namespace mole::dist

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -13,6 +14,11 @@
 namespace mole::dist {
 
 enum class ReduceOp { kSum, kMax, kMin };
+
+// For backends whose Work completes asynchronously: calls `poll` until it returns true, spinning
+// briefly and then sleeping with a backoff up to 100 us (waiting ranks leave the cores to the
+// others when ranks outnumber cores). Returns false if `timeout_s` passes first.
+bool poll_until(const std::function<bool()>& poll, double timeout_s);
 const char* to_string(ReduceOp op);
 
 // One collective in flight, returned by the async Communicator operations.

@@ -6,12 +6,10 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <exception>
 #include <functional>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -21,7 +19,6 @@
 namespace mole::dist {
 namespace {
 
-using Clock = std::chrono::steady_clock;
 
 bool mpi_finalized() {
   int finalized = 0;
@@ -29,15 +26,7 @@ bool mpi_finalized() {
   return finalized != 0;
 }
 
-Clock::time_point deadline_after(double timeout_s) {
-  const Clock::time_point now = Clock::now();
-  const std::chrono::duration<double> budget(timeout_s);
-  if (budget >= Clock::time_point::max() - now) return Clock::time_point::max();
-  return now + std::chrono::duration_cast<Clock::duration>(budget);
-}
-
-// One collective in flight. Polling: a short spin, then sleeps growing to 100 us, so that waiting
-// ranks leave the cores to the others when ranks outnumber cores.
+// One collective in flight, waited on with poll_until (communicator.h).
 class MpiWork final : public Work {
  public:
   MpiWork(const char* op, std::string context, double timeout_s)
@@ -63,20 +52,9 @@ class MpiWork final : public Work {
   void on_complete(std::function<void()> fn) { on_complete_ = std::move(fn); }
 
   void wait() override {
-    const Clock::time_point deadline = deadline_after(timeout_s_);
-    int spins = 0;
-    auto pause = std::chrono::microseconds(1);
-    while (!poll()) {
-      if (Clock::now() >= deadline) {
-        MOLE_FAIL("timed out after ", timeout_s_, " s in ", op_, " on ", context_,
-                  "; a peer rank may have died");
-      }
-      if (spins < 64) {
-        ++spins;
-        continue;
-      }
-      std::this_thread::sleep_for(pause);
-      pause = std::min(pause * 2, std::chrono::microseconds(100));
+    if (!poll_until([this] { return poll(); }, timeout_s_)) {
+      MOLE_FAIL("timed out after ", timeout_s_, " s in ", op_, " on ", context_,
+                "; a peer rank may have died");
     }
     if (error_) std::rethrow_exception(error_);
   }

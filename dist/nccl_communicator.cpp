@@ -11,12 +11,10 @@
 #include <nccl.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <exception>
-#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -30,7 +28,6 @@
 namespace mole::dist {
 namespace {
 
-using Clock = std::chrono::steady_clock;
 
 // "/src/dist/x.cpp" -> "dist/x.cpp".
 std::string short_path(const char* file) {
@@ -88,13 +85,6 @@ std::string call_name(const char* call) {
 
 namespace mole::dist {
 namespace {
-
-Clock::time_point deadline_after(double timeout_s) {
-  const Clock::time_point now = Clock::now();
-  const std::chrono::duration<double> budget(timeout_s);
-  if (budget >= Clock::time_point::max() - now) return Clock::time_point::max();
-  return now + std::chrono::duration_cast<Clock::duration>(budget);
-}
 
 // Makes `device` current for a scope and restores the caller's device.
 class DeviceGuard {
@@ -259,26 +249,14 @@ class NcclWork final : public Work {
   }
 
   void wait() override {
-    const Clock::time_point deadline = deadline_after(state_->timeout_s);
-    int spins = 0;
-    auto pause = std::chrono::microseconds(1);
-    while (!poll()) {
-      if (Clock::now() >= deadline) {
-        const std::string reason =
-            ::mole::detail::cat("timed out after ", state_->timeout_s, " s in ", op_);
-        state_->abort(reason);
-        finish(std::make_exception_ptr(Error(::mole::detail::cat(
-            reason, " on ", state_->context,
-            "; the NCCL communicator was aborted (a peer rank may have died or skipped the "
-            "collective)"))));
-        break;
-      }
-      if (spins < 64) {
-        ++spins;
-        continue;
-      }
-      std::this_thread::sleep_for(pause);
-      pause = std::min(pause * 2, std::chrono::microseconds(100));
+    if (!poll_until([this] { return poll(); }, state_->timeout_s)) {
+      const std::string reason =
+          ::mole::detail::cat("timed out after ", state_->timeout_s, " s in ", op_);
+      state_->abort(reason);
+      finish(std::make_exception_ptr(Error(::mole::detail::cat(
+          reason, " on ", state_->context,
+          "; the NCCL communicator was aborted (a peer rank may have died or skipped the "
+          "collective)"))));
     }
     if (error_) std::rethrow_exception(error_);
   }
