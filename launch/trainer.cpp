@@ -10,6 +10,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <deque>
 #include <numeric>
@@ -30,6 +31,11 @@
 #include "launch/metrics_log.h"
 #include "launch/optimizer.h"
 #include "moe/allocation.h"
+#include "moe/expert_shard.h"
+#include "moe/precision.h"
+#include "parallel/dispatch_plan.h"
+#include "parallel/expert_dispatcher.h"
+#include "parallel/gradient_reduction.h"
 
 namespace mole::launch {
 namespace {
@@ -63,8 +69,6 @@ std::string format_duration(double seconds) {
 
 // Options that the current build cannot honour yet are errors, not silent no-ops.
 void check_supported(const Config& c) {
-  MOLE_CHECK(c.parallel.ep == 1, "parallel.ep = ", c.parallel.ep,
-             ": expert parallelism is not available yet (data parallelism is: parallel.ep = 1)");
   MOLE_CHECK(c.parallel.zero == 0, "parallel.zero = ", c.parallel.zero,
              ": ZeRO optimizer sharding is not available yet");
   MOLE_CHECK(!c.parallel.base_shard, "parallel.base_shard: frozen-base sharding is not available yet");
@@ -143,7 +147,7 @@ moe::ModelConfig synthetic_tiny_config(int64_t vocab) {
 }
 
 EvalResult evaluate(const moe::CausalLM& model, const std::vector<Example>& examples,
-                    int64_t micro_batch, int64_t pad_id) {
+                    int64_t micro_batch, int64_t pad_id, const moe::Dispatcher* dispatcher) {
   at::NoGradGuard no_grad;
   double loss_sum = 0.0;
   int64_t correct = 0, tokens = 0;
@@ -153,7 +157,9 @@ EvalResult evaluate(const moe::CausalLM& model, const std::vector<Example>& exam
       batch.push_back(&examples[i]);
     }
     MicroBatch mb = collate(batch, pad_id);
-    at::Tensor logits = model.forward(mb.input_ids_BS);
+    moe::ForwardContext ctx;
+    ctx.dispatcher = dispatcher;
+    at::Tensor logits = model.forward(mb.input_ids_BS, ctx);
     moe::LossSum ls = moe::causal_lm_loss_sum(logits, mb.labels_BS);
     const int64_t S = logits.size(1);
     at::Tensor targets = mb.labels_BS.narrow(1, 1, S - 1).to(logits.device());
@@ -181,6 +187,9 @@ struct Trainer::Impl {
   // Per-site routed pairs of the last step, for logging expert loads.
   std::vector<std::pair<std::string, std::vector<double>>> loads;
   std::map<std::string, double> aux_parts;
+  // Multi-rank runs: expert-parallel dispatch (ep > 1) and the gradient reduction.
+  std::unique_ptr<parallel::ExpertParallelDispatcher> dispatcher;
+  std::unique_ptr<parallel::GradientReducer> reducer;
 };
 
 int Trainer::rank() const { return grid_ ? grid_->rank() : 0; }
@@ -219,6 +228,9 @@ Trainer::Trainer(Config config, std::shared_ptr<dist::ProcessGrid> grid)
   } else {
     moe::attach_adapter(*model_, spec_, impl_->gen);
   }
+  // Every rank drew the full adapter from the same seed (as one rank would); under expert
+  // parallelism each now keeps the experts placed on it.
+  if (grid_ && grid_->dims().ep > 1) setup_expert_parallel();
 
   DataOptions data{c.data.train, c.data.format, c.data.seq_len, c.train.seed, c.data.synthetic_examples};
   DatasetStats stats;
@@ -239,6 +251,16 @@ Trainer::Trainer(Config config, std::shared_ptr<dist::ProcessGrid> grid)
   adam.weight_decay = c.train.weight_decay;
   adam.lora_plus_ratio = c.train.lora_plus_ratio;
   impl_->optimizer = std::make_unique<AdamW>(model_->trainable_parameters(), adam);
+  if (grid_) {
+    std::vector<at::Tensor> shards = moe::sharded_expert_tensors(*model_), replicated;
+    for (const auto& [name, t] : impl_->optimizer->params()) {
+      const bool shard = std::any_of(shards.begin(), shards.end(),
+                                     [&](const at::Tensor& x) { return x.is_same(t); });
+      if (!shard) replicated.push_back(t);
+    }
+    impl_->reducer = std::make_unique<parallel::GradientReducer>(*grid_, std::move(replicated),
+                                                                 std::move(shards));
+  }
   int64_t trainable = 0;
   for (const auto& [name, t] : impl_->optimizer->params()) trainable += t.numel();
   spdlog::info("adapter: {} with {} trainable parameters in {} tensors", moe::method_name(spec_.method),
@@ -246,6 +268,24 @@ Trainer::Trainer(Config config, std::shared_ptr<dist::ProcessGrid> grid)
 }
 
 Trainer::~Trainer() = default;
+
+void Trainer::setup_expert_parallel() {
+  const Config& c = config_;
+  parallel::DispatchPlanOptions o;
+  o.requested = c.parallel.dispatch;
+  o.ep = grid_->dims().ep;
+  o.tokens = c.train.micro_batch * c.data.seq_len;
+  o.row_bytes = static_cast<int64_t>(at::elementSize(model_->options().dtype().toScalarType()));
+  o.param_bytes = static_cast<int64_t>(at::elementSize(moe::adapter_dtype(model_->options().dtype().toScalarType())));
+  const std::vector<parallel::SiteDispatch> plan = parallel::plan_dispatch(moe::moe_sites(*model_), o);
+  spdlog::info("expert parallel: ep {} x edp {}, dispatch {} (estimates for T = {} tokens per micro-batch)",
+               grid_->dims().ep, grid_->dims().edp(), c.parallel.dispatch, o.tokens);
+  for (const std::string& line : parallel::describe_dispatch(plan)) spdlog::info("  {}", line);
+  impl_->dispatcher = std::make_unique<parallel::ExpertParallelDispatcher>(grid_->ep(), parallel::dispatch_modes(plan));
+  moe::shard_experts(*model_, *impl_->dispatcher);
+}
+
+const moe::Dispatcher* Trainer::dispatcher() const { return impl_->dispatcher.get(); }
 
 StepResult Trainer::step() {
   StepResult r = accumulate_gradients();
@@ -279,6 +319,7 @@ StepResult Trainer::accumulate_gradients() {
     ctx.training = true;
     ctx.generator = s.gen;
     ctx.valid_T = mb.valid_BS.reshape({-1}).to(device);
+    ctx.dispatcher = s.dispatcher.get();
     at::Tensor logits = model_->forward(mb.input_ids_BS, ctx);
     moe::LossSum ls = moe::causal_lm_loss_sum(logits, mb.labels_BS);
     // Normalised once by the step's global target-token count, so micro-batches simply add up.
@@ -315,43 +356,13 @@ StepResult Trainer::accumulate_gradients() {
   return r;
 }
 
-void Trainer::reduce_gradients() {
-  // Every trainable tensor takes part, with zeros where it got no gradient (an expert without
-  // tokens), so that every rank runs the same collectives.
-  constexpr int64_t kBucketElements = 8 << 20;
-  const auto& params = impl_->optimizer->params();
-  size_t begin = 0;
-  while (begin < params.size()) {
-    size_t end = begin;
-    int64_t elements = 0;
-    while (end < params.size() && (end == begin || elements + params[end].second.numel() <= kBucketElements)) {
-      elements += params[end].second.numel();
-      ++end;
-    }
-    std::vector<at::Tensor> grads;
-    for (size_t i = begin; i < end; ++i) {
-      at::Tensor p = params[i].second;
-      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
-      grads.push_back(p.grad().reshape({-1}).to(grid_->world().tensor_device()));
-    }
-    at::Tensor flat = at::cat(grads);
-    grid_->world().all_reduce(flat, dist::ReduceOp::kSum)->wait();
-    int64_t offset = 0;
-    for (size_t i = begin; i < end; ++i) {
-      at::Tensor p = params[i].second;
-      const int64_t n = p.numel();
-      p.mutable_grad().copy_(flat.narrow(0, offset, n).view(p.sizes()));
-      offset += n;
-    }
-    begin = end;
-  }
-}
+void Trainer::reduce_gradients() { impl_->reducer->reduce(); }
 
 void Trainer::apply_update(StepResult& r) {
   const Config& c = config_;
   Impl& s = *impl_;
   const auto& params = s.optimizer->params();
-  r.grad_norm = global_grad_norm(params);
+  r.grad_norm = s.reducer ? s.reducer->global_norm() : global_grad_norm(params);
   if (!std::isfinite(r.loss) || !std::isfinite(r.aux_loss) || !std::isfinite(r.grad_norm)) {
     r.skipped = true;
     ++s.skipped;
@@ -396,8 +407,11 @@ TrainSummary Trainer::run() {
   int64_t window_tokens = 0, total_target_tokens = 0;
   std::deque<double> recent_losses;
   auto run_eval = [&](int64_t step) {
-    if (s.eval_examples.empty() || !lead) return;
-    EvalResult e = evaluate(*model_, s.eval_examples, c.train.micro_batch, tokenizer_->pad_id());
+    // Under expert parallelism every rank takes part in the forward passes (same examples).
+    if (s.eval_examples.empty() || (!lead && !s.dispatcher)) return;
+    EvalResult e = evaluate(*model_, s.eval_examples, c.train.micro_batch, tokenizer_->pad_id(),
+                            s.dispatcher.get());
+    if (!lead) return;
     summary.eval_loss = e.loss;
     summary.eval_accuracy = e.accuracy;
     spdlog::info("eval step {} | loss {:.4f} | accuracy {:.3f} over {} tokens", step, e.loss, e.accuracy, e.tokens);
@@ -471,6 +485,8 @@ TrainSummary Trainer::run() {
   summary.wall_s = std::chrono::duration<double>(Clock::now() - start).count();
   summary.tokens_per_s = summary.wall_s > 0 ? static_cast<double>(total_target_tokens) / summary.wall_s : 0.0;
 
+  // Collective: rank 0 writes the full expert stacks.
+  if (s.dispatcher) moe::unshard_experts(*model_, *s.dispatcher);
   if (!lead) return summary;
   const std::string base = is_synthetic_base(c) ? c.log.dir + "/base" : c.model.base;
   if (is_synthetic_base(c)) ckpt::save_hf_model(*model_, base);
@@ -535,7 +551,8 @@ void build_grid(DistributedRun& run, const Config& config) {
   dims.validate(moe_method && uniform ? config.adapter.experts : 0);
   run.grid = std::make_shared<dist::ProcessGrid>(dims, world);
   if (world->rank() != 0) spdlog::set_level(spdlog::level::warn);
-  spdlog::info("data parallel over {} ranks ({} backend)", world->size(), world->backend());
+  spdlog::info("data parallel over {} ranks ({} backend){}", world->size(), world->backend(),
+               dims.ep > 1 ? ", expert parallel over groups of " + std::to_string(dims.ep) : "");
 }
 
 }  // namespace

@@ -70,11 +70,16 @@ class Trainer {
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   int rank() const;
   int world() const;
+  // The expert-parallel dispatcher; null unless parallel.ep > 1.
+  const moe::Dispatcher* dispatcher() const;
 
  private:
   struct Impl;
-  // Sums every trainable tensor's gradient over the ranks, in flattened buckets.
+  // Sums the gradients over the ranks: replicated tensors over the world, expert shards over
+  // their EDP group.
   void reduce_gradients();
+  // Chooses each site's dispatch mode, logs it, and keeps this rank's experts.
+  void setup_expert_parallel();
 
   Config config_;
   std::shared_ptr<dist::ProcessGrid> grid_;
@@ -90,8 +95,10 @@ struct EvalResult {
   double accuracy = 0.0;
   int64_t tokens = 0;
 };
+// With a dispatcher (expert parallelism) the call is collective over its EP group.
 EvalResult evaluate(const moe::CausalLM& model, const std::vector<Example>& examples,
-                    int64_t micro_batch, int64_t pad_id);
+                    int64_t micro_batch, int64_t pad_id,
+                    const moe::Dispatcher* dispatcher = nullptr);
 
 // The built-in synthetic base: a small LLaMA-architecture model with `vocab` entries, weights
 // drawn deterministically from `seed`.

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "moe/aux_losses.h"
+#include "moe/dispatcher.h"
 #include "moe/router.h"
 
 namespace mole::moe {
@@ -27,6 +28,8 @@ struct ForwardContext {
   bool training = false;
   std::optional<at::Generator> generator;  // jitter and dropout draws; default generator if unset
   at::Tensor valid_T;  // bool, flattened tokens that count for router statistics (all if undefined)
+  // How sites reach experts held by other ranks; null: every expert is local.
+  const Dispatcher* dispatcher = nullptr;
   std::vector<SiteRecord> sites;
 };
 

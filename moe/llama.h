@@ -69,6 +69,7 @@ class CausalLM {
   const ModelConfig& config() const { return config_; }
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
   DecoderLayer& layer(int64_t i) { return layers_.at(static_cast<size_t>(i)); }
+  const DecoderLayer& layer(int64_t i) const { return layers_.at(static_cast<size_t>(i)); }
 
   // input_ids_BS (int64) -> logits_BSV in the model dtype. Token ids outside [0, V) are an
   // error naming the id and its position. `ctx.training` enables dropout and router jitter; MoE

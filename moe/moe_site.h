@@ -17,20 +17,27 @@
 #include <cstdint>
 #include <string>
 
+#include "moe/dispatcher.h"
 #include "moe/forward_context.h"
 #include "moe/lora_linear.h"
 #include "moe/router.h"
 
 namespace mole::moe {
 
-// The LoRA of E experts on one projection, stacked.
+// The LoRA of a site's experts on one projection, stacked: all E of them, or under expert
+// parallelism the shard this rank holds (global ids [first_expert, first_expert + e)).
 struct ExpertLora {
-  at::Tensor a_ErI;  // float32, trainable
-  at::Tensor b_EOr;  // float32, trainable
+  at::Tensor a_ErI;  // float32, trainable; [e, r, I] for a shard
+  at::Tensor b_EOr;  // float32, trainable; [e, O, r] for a shard
   double scale = 1.0;
   double dropout = 0.0;
+  int64_t first_expert = 0;
 
-  int64_t num_experts() const { return a_ErI.size(0); }
+  int64_t num_experts() const { return a_ErI.size(0); }  // experts stacked here
+  // The experts [first, first + count) of this (full) stack as new trainable leaves.
+  ExpertLora slice(int64_t first, int64_t count) const;
+  // The same LoRA with other (e.g. gathered) stacks; scale and dropout kept.
+  ExpertLora with_stacks(at::Tensor a_ErI, at::Tensor b_EOr, int64_t first) const;
   // A kaiming-uniform (bound 1/sqrt(I)), B zero, from `gen`; `options`' dtype (float32 or
   // float64, see precision.h) and device.
   static ExpertLora init(int64_t num_experts, int64_t in, int64_t out, const LoraOptions& lora,
@@ -64,8 +71,23 @@ class FfnMoeSite {
   const ExpertLora& gate() const { return gate_; }
   const ExpertLora& up() const { return up_; }
   const ExpertLora& down() const { return down_; }
+  // Replaces the expert stacks (sharding for expert parallelism, gathering before export).
+  void set_experts(ExpertLora gate, ExpertLora up, ExpertLora down);
 
  private:
+  // The shared-base computation with the stacks of every expert (local and weights modes).
+  at::Tensor forward_shared_base(const at::Tensor& x_TD, const kernels::PermutePlan& plan,
+                                 const at::Tensor& weight_N, const ExpertLora& gate_lora,
+                                 const ExpertLora& up_lora, const ExpertLora& down_lora,
+                                 const LoraLinear& gate, const LoraLinear& up,
+                                 const LoraLinear& down, bool training) const;
+  // Tokens mode: each rank runs the whole expert FFN (frozen base included) on the rows its
+  // experts receive.
+  at::Tensor forward_tokens(const at::Tensor& x_TD, const kernels::PermutePlan& plan,
+                            const at::Tensor& weight_N, const LoraLinear& gate,
+                            const LoraLinear& up, const LoraLinear& down,
+                            const Dispatcher& dispatcher, bool training) const;
+
   std::string name_;
   at::Tensor router_ED_;  // float32, trainable
   ExpertLora gate_, up_, down_;
@@ -86,6 +108,7 @@ class LinearMoeSite {
   const RouterOptions& router_options() const { return router_; }
   const at::Tensor& router_weight() const { return router_EI_; }
   const ExpertLora& experts() const { return experts_; }
+  void set_experts(ExpertLora experts);
 
  private:
   std::string name_;

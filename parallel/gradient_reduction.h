@@ -1,0 +1,46 @@
+// Gradient reduction for data + expert parallelism (DESIGN.md §4): afterwards every rank holds
+// the gradient of the one global-batch loss. Tensors replicated on every rank (plain LoRA,
+// routers, experts of replicated sites) are summed over the world; expert shards over their
+// expert-data-parallel group only (the owner already holds the contributions of every token its
+// EP group routed to it). The loss is normalised once by the global target-token count, so the
+// reduction is a plain sum.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace mole::dist {
+class Communicator;
+class ProcessGrid;
+}  // namespace mole::dist
+
+namespace mole::parallel {
+
+// Sums the gradients of `params` over `group` in flattened buckets of at most `bucket_elements`
+// (a tensor without a gradient takes part with zeros, so every rank runs the same collectives).
+// Blocking; collective.
+void all_reduce_gradients(const std::vector<at::Tensor>& params, dist::Communicator& group,
+                          int64_t bucket_elements = int64_t{8} << 20);
+
+class GradientReducer {
+ public:
+  // `replicated`: tensors every rank holds in full; `expert_shards`: tensors holding this rank's
+  // experts of a split site. The grid must outlive the reducer.
+  GradientReducer(const dist::ProcessGrid& grid, std::vector<at::Tensor> replicated,
+                  std::vector<at::Tensor> expert_shards);
+  // Collective over the world and the EDP group.
+  void reduce() const;
+  // The L2 norm of the whole (unsharded) gradient, the same on every rank: replicated tensors
+  // count once, expert shards are summed over the EP group (a device -> host sync; collective
+  // over the EP group when there are shards).
+  double global_norm() const;
+
+ private:
+  const dist::ProcessGrid& grid_;
+  std::vector<at::Tensor> replicated_;
+  std::vector<at::Tensor> expert_shards_;
+};
+
+}  // namespace mole::parallel
