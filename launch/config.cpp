@@ -169,7 +169,8 @@ void parse_adapter(Section s, AdapterSection& a) {
   check(a.contrastive_samples >= 2, s, "contrastive_samples", "must be at least 2");
   s.choice("balance", a.balance, {"per_site", "all_sites"});
   s.get("router_init_range", a.router_init_range);
-  check(a.router_init_range > 0, s, "router_init_range", "must be positive");
+  check(a.router_init_range >= 0, s, "router_init_range",
+        "must be at least 0 (0: every expert ties, so every token goes to the first top_k experts)");
   s.get("init_from", a.init_from);
   s.finish();
 }

@@ -16,28 +16,17 @@
 
 #include "checkpoint/safetensors.h"
 #include "tests/test_util.h"
+#include "tests/train_run_util.h"
 
 namespace mole {
 namespace {
 
-std::string mpirun(int np) { return std::string(MOLE_MPIRUN) + " -np " + std::to_string(np) + " "; }
+using test::metrics;
+using test::mpirun;
+using test::run;
 
 std::string train_args(const std::string& dir, int micro_batch) {
-  return std::string(MOLE_BINARY) + " train " + MOLE_SOURCE_DIR +
-         "/examples/demo-mixlora.yaml --set train.steps=5 --set train.warmup=0"
-         " --set train.global_batch=16 --set data.eval= --set log.every=1 --set train.micro_batch=" +
-         std::to_string(micro_batch) + " --set log.dir=" + dir;
-}
-
-int run(const std::string& command, const std::string& log) {
-  return std::system((command + " > " + log + " 2>&1").c_str());
-}
-
-std::vector<nlohmann::json> metrics(const std::string& dir) {
-  std::ifstream in(dir + "/metrics.jsonl");
-  std::vector<nlohmann::json> lines;
-  for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
-  return lines;
+  return test::demo_train_args(dir, micro_batch);
 }
 
 class DpTrain : public ::testing::Test {

@@ -1,0 +1,135 @@
+// Expert-parallel training under a real mpirun against one rank with the whole global batch
+// (same seed, same 16-example global batch, 5 steps): MixLoRA with EP = 2 on 2 ranks and EP = 4
+// on 4 ranks, MoLA with per-layer expert counts "2,4,6,8" on 2 ranks, 4 ranks with EP = 2 (two
+// replicas of every expert), a replicated MoLA layer (fewer experts than EP), token mode against
+// weight mode, and a router that sends every token to one expert.
+// Per-step loss, aux loss, load-balance loss and gradient norm agree to 1e-5 relative in float32;
+// the trained adapters agree to 1e-5 in float64 (in float32 AdamW amplifies rounding, see
+// test_dp_train.cpp, so float32 weights are held to 1e-3).
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "checkpoint/safetensors.h"
+#include "tests/test_util.h"
+#include "tests/train_run_util.h"
+
+namespace mole {
+namespace {
+
+constexpr double kLossTol = 1e-5;
+
+class EpTrain : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    // Concurrent Open MPI jobs race on a shared session folder; give this process its own.
+    setenv("OMPI_MCA_orte_tmpdir_base", dir_.file("ompi").c_str(), 1);
+  }
+
+  // Trains on `np` ranks (one process without mpirun for np = 1) with micro-batch 8 / np and the
+  // extra `--set` options; returns the run folder. One thread per rank: ranks share 2 cores.
+  std::string train(int np, const std::string& name, const std::string& extra) {
+    const std::string out = dir_.file(name);
+    const std::string launcher = np == 1 ? "" : test::mpirun(np);
+    const std::string cmd = "OMP_NUM_THREADS=1 " + launcher +
+                            test::demo_train_args(out, 8 / np) + " " + extra;
+    const std::string log = dir_.file(name + ".log");
+    EXPECT_EQ(test::run(cmd, log), 0) << cmd << "\n" << test::read_bytes(log);
+    return out;
+  }
+
+  std::string log_of(const std::string& name) { return test::read_bytes(dir_.file(name + ".log")); }
+
+  test::TempDir dir_;
+};
+
+// The step metrics of `got` against `ref`, relative kLossTol.
+void expect_same_steps(const std::string& ref_dir, const std::string& got_dir) {
+  const std::vector<nlohmann::json> ref = test::metrics(ref_dir), got = test::metrics(got_dir);
+  ASSERT_EQ(ref.size(), 5u);
+  ASSERT_EQ(got.size(), ref.size()) << got_dir;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    for (const char* key : {"loss", "aux_loss", "load_balance", "grad_norm"}) {
+      const double a = ref[i].at(key).get<double>(), b = got[i].at(key).get<double>();
+      EXPECT_NEAR(b, a, kLossTol * std::abs(a)) << key << " at step " << i + 1 << " of " << got_dir;
+    }
+  }
+}
+
+// The worst relative difference over the adapter tensors the two runs wrote.
+double worst_weight_error(const std::string& ref_dir, const std::string& got_dir) {
+  st::SafetensorsFile ref(ref_dir + "/adapter/adapter_model.safetensors");
+  st::SafetensorsFile got(got_dir + "/adapter/adapter_model.safetensors");
+  EXPECT_EQ(got.names(), ref.names());
+  double worst = 0.0;
+  for (const std::string& name : ref.names()) {
+    worst = std::max(worst, test::rel_error(got.tensor(name), ref.tensor(name)));
+  }
+  return worst;
+}
+
+const std::string kTokens = " --set parallel.dispatch=tokens";
+const std::string kWeights = " --set parallel.dispatch=weights";
+
+TEST_F(EpTrain, MixLoraEp2AndEp4ReproduceOneRank) {
+  const std::string ref = train(1, "np1", "");
+  const std::string ep2_tokens = train(2, "ep2-tokens", "--set parallel.ep=2" + kTokens);
+  const std::string ep2_weights = train(2, "ep2-weights", "--set parallel.ep=2" + kWeights);
+  const std::string ep4_tokens = train(4, "ep4-tokens", "--set parallel.ep=4" + kTokens);
+  const std::string ep2_replicas = train(4, "np4-ep2", "--set parallel.ep=2");  // auto
+  for (const std::string& run : {ep2_tokens, ep2_weights, ep4_tokens, ep2_replicas}) {
+    expect_same_steps(ref, run);
+    EXPECT_LT(worst_weight_error(ref, run), 1e-3) << run;
+  }
+  // Token mode against weight mode directly.
+  expect_same_steps(ep2_weights, ep2_tokens);
+  EXPECT_NE(log_of("np4-ep2").find("expert parallel: ep 2 x edp 2, dispatch auto"), std::string::npos)
+      << log_of("np4-ep2");
+  EXPECT_NE(log_of("ep4-tokens").find("layers.0.mlp (+3 alike): tokens | per step tokens"),
+            std::string::npos)
+      << log_of("ep4-tokens");
+}
+
+TEST_F(EpTrain, Float64WeightsMatchOneRankInBothModes) {
+  const std::string fp64 = " --set model.dtype=fp64";
+  const std::string ref = train(1, "np1", fp64);
+  double worst = 0.0;
+  for (const std::string& mode : {kTokens, kWeights}) {
+    const std::string run = train(2, "ep2" + mode.substr(mode.find('=') + 1), "--set parallel.ep=2" + mode + fp64);
+    expect_same_steps(ref, run);
+    worst = std::max(worst, worst_weight_error(ref, run));
+  }
+  RecordProperty("worst_weight_rel_error_fp64", test::sci(worst));
+  EXPECT_LT(worst, 1e-5);
+}
+
+TEST_F(EpTrain, MolaPerLayerExpertCounts) {
+  const std::string mola = " --set adapter.method=mola --set adapter.experts=2,4,6,8";
+  const std::string ref = train(1, "np1", mola);
+  expect_same_steps(ref, train(2, "ep2-tokens", "--set parallel.ep=2" + kTokens + mola));
+  expect_same_steps(ref, train(2, "ep2-weights", "--set parallel.ep=2" + kWeights + mola));
+  // EP = 4: the 2-expert layer is replicated on every rank, the others are split.
+  const std::string replicated = " --set adapter.method=mola --set adapter.experts=2,4,4,8";
+  const std::string ref4 = train(1, "np1-replicated", replicated);
+  expect_same_steps(ref4, train(4, "ep4-replicated", "--set parallel.ep=4" + kTokens + replicated));
+  EXPECT_NE(log_of("ep4-replicated").find("2 experts replicated, local"), std::string::npos)
+      << log_of("ep4-replicated");
+}
+
+// All router weights zero: every expert ties, so top-1 sends every token of every rank to expert
+// 0 (on rank 0) in the first step. Training still matches one rank, in both modes.
+TEST_F(EpTrain, EveryTokenToOneExpertStillTrains) {
+  const std::string skew = " --set adapter.router_init_range=0 --set adapter.router.top_k=1";
+  const std::string ref = train(1, "np1", skew);
+  const std::vector<nlohmann::json> first = test::metrics(ref);
+  ASSERT_FALSE(first.empty());
+  EXPECT_EQ(first[0].at("expert_load").at("layers.0.mlp").at(0).get<double>(), 1.0)
+      << first[0].dump();
+  expect_same_steps(ref, train(2, "ep2-tokens", "--set parallel.ep=2" + kTokens + skew));
+  expect_same_steps(ref, train(2, "ep2-weights", "--set parallel.ep=2" + kWeights + skew));
+}
+
+}  // namespace
+}  // namespace mole
