@@ -125,7 +125,7 @@ void bench_moe(const BenchOptions& o) {
 
 void add_bench_command(CLI::App& app, BenchOptions& o) {
   CLI::App* cmd = app.add_subcommand("bench", "Benchmarks; prints a table and a JSON line");
-  cmd->add_option("what", o.what, "moe")->required()->check(CLI::IsMember({"moe"}));
+  cmd->add_option("what", o.what, "moe")->required()->check(CLI::IsMember({"moe", "dispatch"}));
   cmd->add_option("--tokens", o.tokens, "tokens per step");
   cmd->add_option("--hidden", o.hidden, "hidden size D");
   cmd->add_option("--intermediate", o.intermediate, "FFN size F");
@@ -138,12 +138,15 @@ void add_bench_command(CLI::App& app, BenchOptions& o) {
   cmd->add_option("--warmup", o.warmup, "untimed iterations first");
   cmd->add_option("--device", o.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--dtype", o.dtype, "fp32 or bf16")->check(CLI::IsMember({"fp32", "bf16"}));
+  cmd->add_option("--site", o.site, "dispatch: linear or ffn")->check(CLI::IsMember({"linear", "ffn"}));
+  cmd->add_option("--backend", o.backend, "dispatch: auto, mpi, gloo or nccl");
 }
 
 void run_bench(const BenchOptions& o) {
   MOLE_CHECK(o.iters > 0 && o.warmup >= 0 && o.tokens > 1, "bench: need --iters > 0, --warmup >= 0, --tokens > 1");
   MOLE_CHECK(o.device != "cuda" || at::hasCUDA(), "bench: --device cuda but no CUDA device is usable");
   if (o.what == "moe") bench_moe(o);
+  if (o.what == "dispatch") bench_dispatch(o);
 }
 
 }  // namespace mole::launch

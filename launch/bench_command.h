@@ -1,6 +1,8 @@
 // `mole bench WHAT`: benchmarks that print a table and a JSON line.
-//   moe: forward+backward time of one decoder layer with plain LoRA and with the MoE-LoRA
-//        methods at the same base.
+//   moe:      forward+backward time of one decoder layer with plain LoRA and with the MoE-LoRA
+//             methods at the same base.
+//   dispatch: one MoE site under expert parallelism (run under mpirun, world = EP): time per step
+//             and bytes moved in token and weight mode, and the mode `auto` picks.
 #pragma once
 
 #include <cstdint>
@@ -26,9 +28,13 @@ struct BenchOptions {
   int64_t warmup = 2;
   std::string device = "cpu";
   std::string dtype = "fp32";
+  std::string site = "linear";   // dispatch: linear (routed LoRA deltas) or ffn (MixLoRA block)
+  std::string backend = "auto";  // dispatch: communicator backend
 };
 
 void add_bench_command(CLI::App& app, BenchOptions& options);
 void run_bench(const BenchOptions& options);
+// Under mpirun; collective over every rank (bench_dispatch.cpp).
+void bench_dispatch(const BenchOptions& options);
 
 }  // namespace mole::launch

@@ -131,5 +131,24 @@ TEST_F(EpTrain, EveryTokenToOneExpertStillTrains) {
   expect_same_steps(ref, train(2, "ep2-weights", "--set parallel.ep=2" + kWeights + skew));
 }
 
+// `mole bench dispatch` at a small shape: it runs on 2 ranks, and the bytes it measures match
+// the planner's estimate (exactly for weights; tokens depend on where routing sends them).
+TEST_F(EpTrain, BenchDispatchMeasuresTheEstimatedBytes) {
+  const std::string cmd = "OMP_NUM_THREADS=1 " + test::mpirun(2) + MOLE_BINARY +
+                          " bench dispatch --tokens 64 --hidden 32 --experts 4 --rank 4 --iters 2 --warmup 1";
+  ASSERT_EQ(test::run(cmd, dir_.file("bench.log")), 0) << test::read_bytes(dir_.file("bench.log"));
+  const std::string log = test::read_bytes(dir_.file("bench.log"));
+  const nlohmann::json json = nlohmann::json::parse(log.substr(log.rfind("{\"auto\"")));
+  EXPECT_EQ(json.at("ep").get<int>(), 2);
+  ASSERT_EQ(json.at("results").size(), 3u);
+  for (const nlohmann::json& r : json.at("results")) {
+    const double measured = r.at("mib_sent_per_step").get<double>(), estimate = r.at("estimate_mib").get<double>();
+    if (r.at("mode") == "weights") EXPECT_DOUBLE_EQ(measured, estimate);
+    if (r.at("mode") == "tokens") EXPECT_NEAR(measured, estimate, 0.5 * estimate);
+    if (r.at("mode") == "local") EXPECT_EQ(measured, 0.0);
+  }
+  EXPECT_EQ(json.at("auto").get<std::string>(), "weights");
+}
+
 }  // namespace
 }  // namespace mole
