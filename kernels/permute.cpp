@@ -1,11 +1,26 @@
-// CPU reference token permutation (see permute.h).
+// CPU reference token permutation (see permute.h), and the registration of its CUDA twins
+// (kernels/cuda/permute_ops.h): CUDA tensors take those when they are built.
 #include "kernels/permute.h"
 
 #include <ATen/ATen.h>
 
 #include "kernels/check.h"
+#include "kernels/cuda/permute_ops.h"
 
 namespace mole::kernels {
+namespace {
+
+// Set by kernels/CMakeLists.txt when the CUDA kernels are compiled in. The CUDA wrappers are named
+// only in `if constexpr` branches that this discards otherwise, so they need not exist then.
+#ifdef MOLE_HAVE_CUDA_KERNELS
+constexpr bool kCudaKernelsBuilt = true;
+#else
+constexpr bool kCudaKernelsBuilt = false;
+#endif
+
+}  // namespace
+
+bool cuda_permute_kernels_built() { return kCudaKernelsBuilt; }
 
 PermutePlan make_permute_plan(const at::Tensor& token_N, const at::Tensor& expert_N,
                               int64_t num_tokens, int64_t num_experts) {
@@ -43,6 +58,9 @@ PermutePlan make_permute_plan(const at::Tensor& token_N, const at::Tensor& exper
 at::Tensor permute_rows(const at::Tensor& x_TD, const PermutePlan& plan) {
   MOLE_CHECK(x_TD.dim() == 2 && x_TD.size(0) == plan.num_tokens, "permute_rows: expected x of [",
              plan.num_tokens, ", D], got ", x_TD.sizes());
+  if constexpr (kCudaKernelsBuilt) {
+    if (cuda_permute_supports(x_TD)) return permute_rows_cuda(x_TD, plan);
+  }
   return x_TD.index_select(0, plan.token_N.to(x_TD.device()));
 }
 
@@ -53,6 +71,9 @@ at::Tensor unpermute_combine(const at::Tensor& rows_ND, const PermutePlan& plan,
              rows_ND.sizes());
   MOLE_CHECK(weight_N.dim() == 1 && weight_N.size(0) == plan.num_rows(),
              "unpermute_combine: expected ", plan.num_rows(), " weights, got ", weight_N.sizes());
+  if constexpr (kCudaKernelsBuilt) {
+    if (cuda_permute_supports(rows_ND)) return unpermute_combine_cuda(rows_ND, plan, weight_N);
+  }
   at::Tensor order = plan.order_N.to(rows_ND.device());
   at::Tensor weight_sorted = weight_N.to(rows_ND.device(), rows_ND.scalar_type()).index_select(0, order);
   at::Tensor weighted_ND = rows_ND * weight_sorted.unsqueeze(1);

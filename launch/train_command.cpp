@@ -1,0 +1,106 @@
+// `mole train` on the command line: the subcommand's options, and the start-up of a run — MPI
+// and the process grid under mpirun, the config check across ranks, the trainer, and the abort
+// of every rank when one fails (see trainer.h).
+#include <CLI/CLI.hpp>
+#include <ATen/ATen.h>
+#include <spdlog/spdlog.h>
+
+#include <cmath>
+#include <memory>
+
+#include "dist/backend.h"
+#include "dist/communicator.h"
+#include "dist/process_grid.h"
+#include "dist/runtime.h"
+#include "kernels/check.h"
+#include "launch/trainer.h"
+
+namespace mole::launch {
+
+void add_train_command(CLI::App& app, TrainOptions& options) {
+  CLI::App* cmd = app.add_subcommand("train", "Train an adapter from a YAML config");
+  cmd->add_option("config", options.config_path, "config YAML (see examples/)")->required();
+  cmd->add_option("--set", options.overrides, "override a config key: --set train.steps=50 (repeatable)");
+}
+
+uint64_t config_digest(const Config& config) {
+  uint64_t hash = 1469598103934665603ull;  // FNV-1a, 64 bit
+  for (unsigned char ch : to_yaml(config)) {
+    hash ^= ch;
+    hash *= 1099511628211ull;
+  }
+  return hash;
+}
+
+namespace {
+
+// The distributed side of a run: MPI, the world communicator and the grid, when launched with
+// several ranks. Declared in this order so that the grid and communicators go before MPI.
+struct DistributedRun {
+  std::unique_ptr<dist::MpiRuntime> runtime;
+  std::shared_ptr<dist::Communicator> bootstrap;  // MPI world, kept for Gloo/NCCL
+  std::shared_ptr<dist::ProcessGrid> grid;
+};
+
+// Collective over every rank: the world communicator, the config check, the grid.
+void build_grid(DistributedRun& run, const Config& config) {
+  dist::WorldCommunicator made = dist::make_world_communicator(
+      config.parallel.backend, *run.runtime, config.model.device == "cuda",
+      run.runtime->rank_info().local_rank, config.parallel.timeout_s);
+  run.bootstrap = made.bootstrap;
+  std::shared_ptr<dist::Communicator> world = made.comm;
+  // Every rank must train the same thing: compare a digest of the resolved config.
+  const uint64_t digest = config_digest(config);
+  at::Tensor mine =
+      at::tensor({static_cast<int64_t>(digest >> 1)}, at::kLong).to(world->tensor_device());
+  at::Tensor low = mine.clone(), high = mine.clone();
+  world->all_reduce(low, dist::ReduceOp::kMin)->wait();
+  world->all_reduce(high, dist::ReduceOp::kMax)->wait();
+  MOLE_CHECK(low.item<int64_t>() == high.item<int64_t>(), "rank ", world->rank(),
+             ": the resolved config differs between ranks (digests ", low.item<int64_t>(), " .. ",
+             high.item<int64_t>(), "); start every rank with the same config file and --set options");
+  dist::ParallelDims dims{world->size(), static_cast<int>(config.parallel.ep)};
+  // Checked before any model is loaded; per-layer counts are checked again per site.
+  const bool moe_method = config.adapter.method != "lora";
+  const bool uniform = config.adapter.experts_list.empty() && config.adapter.experts_pattern.empty();
+  dims.validate(moe_method && uniform ? config.adapter.experts : 0);
+  run.grid = std::make_shared<dist::ProcessGrid>(dims, world);
+  if (world->rank() != 0) spdlog::set_level(spdlog::level::warn);
+  spdlog::info("data parallel over {} ranks ({} backend){}", world->size(), world->backend(),
+               dims.ep > 1 ? ", expert parallel over groups of " + std::to_string(dims.ep) : "");
+}
+
+}  // namespace
+
+void run_train(const TrainOptions& options) {
+  Config config = load_config(options.config_path, options.overrides);
+  DistributedRun distributed;
+  if (dist::detect_rank_info().world > 1) distributed.runtime = std::make_unique<dist::MpiRuntime>();
+  const int rank = distributed.runtime ? distributed.runtime->rank_info().rank : 0;
+  try {
+    if (distributed.runtime) build_grid(distributed, config);
+    Trainer trainer(std::move(config), distributed.grid);
+    TrainSummary s = trainer.run();
+    if (rank != 0) return;
+    const double ratio = s.first_loss > 0 ? s.last_loss / s.first_loss : 0.0;
+    spdlog::info("done: {} steps in {:.1f} s | loss {:.4f} (first step) -> {:.4f} (mean of the last 10) = {:.0f}% | {:.0f} target tok/s{}",
+                 s.steps, s.wall_s, s.first_loss, s.last_loss, 100.0 * ratio, s.tokens_per_s,
+                 s.skipped_steps ? " | " + std::to_string(s.skipped_steps) + " steps skipped" : "");
+    if (!std::isnan(s.eval_loss)) {
+      spdlog::info("eval: loss {:.4f}, next-token accuracy {:.3f}", s.eval_loss, s.eval_accuracy);
+    }
+    spdlog::info("run folder {}: config.yaml, metrics.jsonl, events.out.tfevents.*, adapter/{}",
+                 s.run_dir, trainer.config().model.base == "synthetic:tiny" ? ", base/" : "");
+  } catch (const std::exception& e) {
+    if (distributed.runtime) {
+      // Report, then end every rank: peers may be waiting in a collective this rank left.
+      spdlog::error("rank {}: {}", rank, e.what());
+      distributed.grid.reset();
+      distributed.bootstrap.reset();
+      distributed.runtime->abort(1);
+    }
+    throw;
+  }
+}
+
+}  // namespace mole::launch
