@@ -1,8 +1,9 @@
 // Expert-parallel training under a real mpirun against one rank with the whole global batch
 // (same seed, same 16-example global batch, 5 steps): MixLoRA with EP = 2 on 2 ranks and EP = 4
 // on 4 ranks, MoLA with per-layer expert counts "2,4,6,8" on 2 ranks, 4 ranks with EP = 2 (two
-// replicas of every expert), a replicated MoLA layer (fewer experts than EP), token mode against
-// weight mode, and a router that sends every token to one expert.
+// replicas of every expert), a replicated MoLA layer (fewer experts than EP), DynMoLE's variable
+// experts per token, token mode against weight mode, a router that sends every token to one
+// expert, evaluation, and `mole bench dispatch`.
 // Per-step loss, aux loss, load-balance loss and gradient norm agree to 1e-5 relative in float32;
 // the trained adapters agree to 1e-5 in float64 (in float32 AdamW amplifies rounding, see
 // test_dp_train.cpp, so float32 weights are held to 1e-3).
@@ -116,6 +117,14 @@ TEST_F(EpTrain, MolaPerLayerExpertCounts) {
   expect_same_steps(ref4, train(4, "ep4-replicated", "--set parallel.ep=4" + kTokens + replicated));
   EXPECT_NE(log_of("ep4-replicated").find("2 experts replicated, local"), std::string::npos)
       << log_of("ep4-replicated");
+}
+
+// DynMoLE: a variable number of experts per token (Tsallis-entropy hybrid router) and its
+// entropy loss from global statistics.
+TEST_F(EpTrain, DynMoleVariableExpertsPerToken) {
+  const std::string dynmole = " --set adapter.method=dynmole --set adapter.experts=4";
+  const std::string ref = train(1, "np1", dynmole);
+  expect_same_steps(ref, train(2, "ep2-tokens", "--set parallel.ep=2" + kTokens + dynmole));
 }
 
 // All router weights zero: every expert ties, so top-1 sends every token of every rank to expert
