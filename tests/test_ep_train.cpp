@@ -93,7 +93,7 @@ TEST_F(EpTrain, MixLoraEp2AndEp4ReproduceOneRank) {
       << log_of("ep4-tokens");
 }
 
-TEST_F(EpTrain, Float64WeightsMatchOneRankInBothModes) {
+TEST_F(EpTrain, Float64WeightsMatchOneRankInBothModesAndBackends) {
   const std::string fp64 = " --set model.dtype=fp64";
   const std::string ref = train(1, "np1", fp64);
   double worst = 0.0;
@@ -102,6 +102,12 @@ TEST_F(EpTrain, Float64WeightsMatchOneRankInBothModes) {
     expect_same_steps(ref, run);
     worst = std::max(worst, worst_weight_error(ref, run));
   }
+#ifdef MOLE_HAVE_GLOO
+  // The same exchanges over Gloo, with two replicas of every expert.
+  const std::string gloo = train(4, "np4-ep2-gloo", "--set parallel.ep=2 --set parallel.backend=gloo" + kTokens + fp64);
+  expect_same_steps(ref, gloo);
+  worst = std::max(worst, worst_weight_error(ref, gloo));
+#endif
   RecordProperty("worst_weight_rel_error_fp64", test::sci(worst));
   EXPECT_LT(worst, 1e-5);
 }
