@@ -281,6 +281,7 @@ void Trainer::setup_expert_parallel() {
   spdlog::info("expert parallel: ep {} x edp {}, dispatch {} (estimates for T = {} tokens per micro-batch)",
                grid_->dims().ep, grid_->dims().edp(), c.parallel.dispatch, o.tokens);
   for (const std::string& line : parallel::describe_dispatch(plan)) spdlog::info("  {}", line);
+  if (plan.empty()) spdlog::info("  the adapter has no MoE sites: nothing to shard");
   impl_->dispatcher = std::make_unique<parallel::ExpertParallelDispatcher>(grid_->ep(), parallel::dispatch_modes(plan));
   moe::shard_experts(*model_, *impl_->dispatcher);
 }

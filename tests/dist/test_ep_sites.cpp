@@ -6,6 +6,8 @@
 // float32, relative tolerance 1e-5 of the largest element.
 #include <ATen/ATen.h>
 
+#include <cstdio>
+
 #include "moe/moe_site.h"
 #include "parallel/expert_dispatcher.h"
 #include "tests/dist/dist_test_util.h"
@@ -95,7 +97,9 @@ TEST_P(EpSites, FfnBlockMatchesLocalExpertsInBothModes) {
     FfnSetup s = make_ffn(E, moe::RouterOptions{}, shard, at::randn({E, kD}) * 0.5);
     at::manual_seed(100 + r);
     const double worst = compare_ffn(comm(), s, d, at::randn({5 + 3 * r, kD}), shard);
-    RecordProperty(std::string("worst_rel_error_") + moe::dispatch_mode_name(mode), std::to_string(worst));
+    char text[32];
+    std::snprintf(text, sizeof text, "%.3e", worst);
+    RecordProperty(std::string("worst_rel_error_") + moe::dispatch_mode_name(mode), text);
     EXPECT_LT(worst, kTol);
   }
 }
