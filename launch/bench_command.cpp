@@ -125,7 +125,7 @@ void bench_moe(const BenchOptions& o) {
 
 void add_bench_command(CLI::App& app, BenchOptions& o) {
   CLI::App* cmd = app.add_subcommand("bench", "Benchmarks; prints a table and a JSON line");
-  cmd->add_option("what", o.what, "moe")->required()->check(CLI::IsMember({"moe", "dispatch"}));
+  cmd->add_option("what", o.what, "moe (MoE-LoRA layer vs LoRA) or dispatch (expert parallelism, under mpirun)")->required()->check(CLI::IsMember({"moe", "dispatch"}));
   cmd->add_option("--tokens", o.tokens, "tokens per step");
   cmd->add_option("--hidden", o.hidden, "hidden size D");
   cmd->add_option("--intermediate", o.intermediate, "FFN size F");

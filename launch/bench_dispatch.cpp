@@ -19,6 +19,7 @@
 #include "dist/runtime.h"
 #include "kernels/check.h"
 #include "launch/bench_command.h"
+#include "moe/expert_shard.h"
 #include "moe/moe_site.h"
 #include "parallel/dispatch_plan.h"
 #include "parallel/expert_dispatcher.h"
@@ -52,6 +53,11 @@ struct BenchSite {
     return {linear->router_weight(), linear->experts().a_ErI, linear->experts().b_EOr};
   }
 };
+
+at::TensorOptions model_options(const BenchOptions& o) {
+  return at::TensorOptions(o.dtype == "bf16" ? at::kBFloat16 : at::kFloat)
+      .device(o.device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU));
+}
 
 BenchSite make_site(const BenchOptions& o, const at::TensorOptions& model, const moe::ExpertShard& shard) {
   at::manual_seed(1234);
@@ -94,9 +100,7 @@ double max_over_ranks(dist::Communicator& world, double value) {
 }
 
 DispatchTiming time_mode(const BenchOptions& o, dist::Communicator& world, const std::string& mode) {
-  const at::TensorOptions model =
-      at::TensorOptions(o.dtype == "bf16" ? at::kBFloat16 : at::kFloat)
-          .device(o.device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU));
+  const at::TensorOptions model = model_options(o);
   std::map<std::string, moe::DispatchMode> modes = {
       {kSite, mode == "tokens" ? moe::DispatchMode::kTokens : moe::DispatchMode::kWeights}};
   parallel::ExpertParallelDispatcher dispatcher(world, modes);
@@ -148,14 +152,11 @@ void run_dispatch_bench(const BenchOptions& o, const dist::MpiRuntime& runtime) 
       o.backend, runtime, o.device == "cuda", runtime.rank_info().local_rank, 600.0);
   const bool lead = world.comm->rank() == 0;
 
-  moe::MoeSiteInfo info;
-  info.name = kSite;
-  info.ffn_block = o.site == "ffn";
-  info.num_experts = o.experts;
-  info.in_features = info.out_features = o.hidden;
-  info.intermediate = info.ffn_block ? o.intermediate : 0;
-  info.params_per_expert = info.ffn_block ? 3 * o.rank * (o.hidden + o.intermediate) : 2 * o.rank * o.hidden;
-  info.router.top_k = o.top_k;
+  // The planner's estimate for the very site that is timed (every expert held, as before sharding).
+  const moe::MoeSiteInfo info = [&] {
+    const BenchSite full = make_site(o, model_options(o), {0, o.experts, o.experts});
+    return full.ffn ? moe::site_info(*full.ffn) : moe::site_info(*full.linear);
+  }();
   parallel::DispatchPlanOptions plan_options;
   plan_options.ep = ep;
   plan_options.tokens = o.tokens;

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "kernels/check.h"
+#include "parallel/gradient_reduction.h"
 
 namespace mole::launch {
 
@@ -57,15 +58,10 @@ double learning_rate(const std::string& schedule, double lr, int64_t step, int64
 }
 
 double global_grad_norm(const std::vector<moe::NamedTensor>& params) {
-  at::NoGradGuard no_grad;
-  at::Tensor total;
-  for (const auto& [name, p] : params) {
-    if (!p.grad().defined()) continue;
-    at::Tensor sq = p.grad().to(at::kDouble).pow(2).sum();
-    total = total.defined() ? total + sq : sq;
-  }
+  std::vector<at::Tensor> tensors;
+  for (const auto& [name, p] : params) tensors.push_back(p);
   // Device -> host sync: the norm decides skipping and clipping.
-  return total.defined() ? std::sqrt(total.item<double>()) : 0.0;
+  return std::sqrt(parallel::grad_squared_sum(tensors));
 }
 
 void clip_grad_norm(const std::vector<moe::NamedTensor>& params, double max_norm, double norm) {

@@ -196,8 +196,9 @@ int Trainer::world() const { return grid_ ? grid_->dims().world : 1; }
 Trainer::Trainer(Config config, std::shared_ptr<dist::ProcessGrid> grid)
     : config_(std::move(config)), grid_(std::move(grid)), impl_(std::make_unique<Impl>()) {
   check_supported(config_);
-  // One process with parallel.ep > 1 (not under mpirun) is a layout error like any other.
-  dist::ParallelDims{world(), static_cast<int>(config_.parallel.ep)}.validate();
+  // One process with parallel.ep > 1 (not under mpirun) is a layout error like any other (the
+  // process grid checks multi-rank layouts).
+  if (!grid_) dist::ParallelDims{1, static_cast<int>(config_.parallel.ep)}.validate();
   const Config& c = config_;
   impl_->gen = at::make_generator<at::CPUGeneratorImpl>(c.train.seed);
   const bool synthetic = is_synthetic_base(c);
@@ -286,8 +287,6 @@ void Trainer::setup_expert_parallel() {
   moe::shard_experts(*model_, *impl_->dispatcher);
 }
 
-const moe::Dispatcher* Trainer::dispatcher() const { return impl_->dispatcher.get(); }
-
 StepResult Trainer::step() {
   StepResult r = accumulate_gradients();
   apply_update(r);
@@ -345,7 +344,7 @@ StepResult Trainer::accumulate_gradients() {
     for (double& l : loads) l /= accumulation;
   }
   if (world() > 1) {
-    reduce_gradients();
+    s.reducer->reduce();  // replicated tensors over the world, expert shards over their EDP group
     // The LM loss adds up over ranks (each normalised by the global token count); the aux losses
     // were already formed from global statistics and agree on every rank.
     at::Tensor totals = at::tensor({r.loss, static_cast<double>(r.tokens)}, at::kDouble)
@@ -356,8 +355,6 @@ StepResult Trainer::accumulate_gradients() {
   }
   return r;
 }
-
-void Trainer::reduce_gradients() { impl_->reducer->reduce(); }
 
 void Trainer::apply_update(StepResult& r) {
   const Config& c = config_;

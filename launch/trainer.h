@@ -70,14 +70,9 @@ class Trainer {
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   int rank() const;
   int world() const;
-  // The expert-parallel dispatcher; null unless parallel.ep > 1.
-  const moe::Dispatcher* dispatcher() const;
 
  private:
   struct Impl;
-  // Sums the gradients over the ranks: replicated tensors over the world, expert shards over
-  // their EDP group.
-  void reduce_gradients();
   // Chooses each site's dispatch mode, logs it, and keeps this rank's experts.
   void setup_expert_parallel();
 

@@ -13,7 +13,7 @@ int64_t lora_params(const ExpertLora& lora) {
 }
 
 ExpertLora keep_shard(const ExpertLora& full, const ExpertShard& shard, const std::string& site) {
-  MOLE_CHECK(full.first_expert == 0 && full.num_experts() == shard.total, site,
+  MOLE_CHECK(full.holds_all(shard.total), site,
              ": expected the full stack of ", shard.total, " experts before sharding, found ",
              full.num_experts(), " from expert ", full.first_expert);
   return full.slice(shard.first, shard.count);
@@ -28,34 +28,36 @@ ExpertLora gather_full(const ExpertLora& held, const std::vector<at::Tensor>& fu
 
 }  // namespace
 
+MoeSiteInfo site_info(const FfnMoeSite& site) {
+  MoeSiteInfo info;
+  info.name = site.name();
+  info.ffn_block = true;
+  info.num_experts = site.num_experts();
+  info.in_features = info.out_features = site.gate().a_ErI.size(2);
+  info.intermediate = site.gate().b_EOr.size(1);
+  info.params_per_expert =
+      lora_params(site.gate()) + lora_params(site.up()) + lora_params(site.down());
+  info.router = site.router_options();
+  return info;
+}
+
+MoeSiteInfo site_info(const LinearMoeSite& site) {
+  MoeSiteInfo info;
+  info.name = site.name();
+  info.num_experts = site.num_experts();
+  info.in_features = site.experts().a_ErI.size(2);
+  info.out_features = site.experts().b_EOr.size(1);
+  info.params_per_expert = lora_params(site.experts());
+  info.router = site.router_options();
+  return info;
+}
+
 std::vector<MoeSiteInfo> moe_sites(const CausalLM& model) {
   std::vector<MoeSiteInfo> out;
   for (int64_t i = 0; i < model.num_layers(); ++i) {
     const DecoderLayer& layer = model.layer(i);
-    if (layer.ffn_site) {
-      const FfnMoeSite& s = *layer.ffn_site;
-      MoeSiteInfo info;
-      info.name = s.name();
-      info.ffn_block = true;
-      info.num_experts = s.num_experts();
-      info.in_features = info.out_features = layer.gate_proj.in_features();
-      info.intermediate = layer.gate_proj.out_features();
-      info.params_per_expert = lora_params(s.gate()) + lora_params(s.up()) + lora_params(s.down());
-      info.experts_held = s.gate().num_experts();
-      info.router = s.router_options();
-      out.push_back(info);
-    }
-    for (const auto& [linear, site] : layer.linear_sites) {
-      MoeSiteInfo info;
-      info.name = site->name();
-      info.num_experts = site->num_experts();
-      info.in_features = layer.linear(linear).in_features();
-      info.out_features = layer.linear(linear).out_features();
-      info.params_per_expert = lora_params(site->experts());
-      info.experts_held = site->experts().num_experts();
-      info.router = site->router_options();
-      out.push_back(info);
-    }
+    if (layer.ffn_site) out.push_back(site_info(*layer.ffn_site));
+    for (const auto& [linear, site] : layer.linear_sites) out.push_back(site_info(*site));
   }
   return out;
 }
@@ -82,7 +84,7 @@ void unshard_experts(CausalLM& model, const Dispatcher& dispatcher) {
     DecoderLayer& layer = model.layer(i);
     if (layer.ffn_site) {
       FfnMoeSite& s = *layer.ffn_site;
-      if (s.gate().num_experts() == s.num_experts()) continue;  // replicated site
+      if (s.gate().holds_all(s.num_experts())) continue;  // replicated site
       std::vector<at::Tensor> full = dispatcher.gather_experts(
           {s.gate().a_ErI, s.gate().b_EOr, s.up().a_ErI, s.up().b_EOr, s.down().a_ErI,
            s.down().b_EOr},
@@ -92,7 +94,7 @@ void unshard_experts(CausalLM& model, const Dispatcher& dispatcher) {
                     gather_full(s.down(), {full[4], full[5]}));
     }
     for (auto& [linear, site] : layer.linear_sites) {
-      if (site->experts().num_experts() == site->num_experts()) continue;
+      if (site->experts().holds_all(site->num_experts())) continue;
       std::vector<at::Tensor> full = dispatcher.gather_experts(
           {site->experts().a_ErI, site->experts().b_EOr}, site->num_experts());
       site->set_experts(gather_full(site->experts(), full));
@@ -103,7 +105,7 @@ void unshard_experts(CausalLM& model, const Dispatcher& dispatcher) {
 std::vector<at::Tensor> sharded_expert_tensors(const CausalLM& model) {
   std::vector<at::Tensor> out;
   auto add = [&out](const ExpertLora& lora, int64_t total) {
-    if (lora.num_experts() == total && lora.first_expert == 0) return;
+    if (lora.holds_all(total)) return;
     out.push_back(lora.a_ErI);
     out.push_back(lora.b_EOr);
   };

@@ -24,10 +24,11 @@ struct MoeSiteInfo {
   int64_t out_features = 0;   // O of its output rows (D for an FFN block)
   int64_t intermediate = 0;   // F of an FFN block, 0 otherwise
   int64_t params_per_expert = 0;  // LoRA parameters of one expert (all its projections)
-  int64_t experts_held = 0;   // experts currently stacked here
   RouterOptions router;
 };
-std::vector<MoeSiteInfo> moe_sites(const CausalLM& model);
+MoeSiteInfo site_info(const FfnMoeSite& site);
+MoeSiteInfo site_info(const LinearMoeSite& site);
+std::vector<MoeSiteInfo> moe_sites(const CausalLM& model);  // in layer order
 
 // Replaces every site's full expert stacks by the shard `dispatcher.shard(E)` places here (new
 // trainable leaves; the full stacks are dropped). Build the optimizer afterwards.

@@ -36,7 +36,7 @@ at::Tensor expert_delta(const at::Tensor& rows_NI, const ExpertLora& lora,
 DispatchMode site_mode(const ForwardContext& ctx, const std::string& site, const ExpertLora& lora,
                        int64_t num_experts) {
   if (ctx.dispatcher == nullptr) {
-    MOLE_CHECK(lora.first_expert == 0 && lora.num_experts() == num_experts, site, ": holds ",
+    MOLE_CHECK(lora.holds_all(num_experts), site, ": holds ",
                lora.num_experts(), " of its ", num_experts,
                " experts but no dispatcher reaches the others");
     return DispatchMode::kLocal;

@@ -34,6 +34,8 @@ struct ExpertLora {
   int64_t first_expert = 0;
 
   int64_t num_experts() const { return a_ErI.size(0); }  // experts stacked here
+  // True when the stack holds every expert of a site with `total` experts (not a shard).
+  bool holds_all(int64_t total) const { return first_expert == 0 && num_experts() == total; }
   // The experts [first, first + count) of this (full) stack as new trainable leaves.
   ExpertLora slice(int64_t first, int64_t count) const;
   // The same LoRA with other (e.g. gathered) stacks; scale and dropout kept.

@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "kernels/check.h"
+#include "parallel/expert_dispatcher.h"
 
 namespace mole::parallel {
 namespace {
@@ -42,17 +43,19 @@ std::vector<SiteDispatch> plan_dispatch(const std::vector<moe::MoeSiteInfo>& sit
     d.site = s.name;
     d.num_experts = s.num_experts;
     d.pairs_per_token = pairs_per_token(s.router, s.num_experts);
-    const bool replicated = P == 1 || s.num_experts < P;
-    if (!replicated) {
-      MOLE_CHECK(s.num_experts % P == 0, s.name, ": ", s.num_experts,
-                 " experts cannot be split over parallel.ep = ", P, " (use a multiple of ", P,
-                 " experts, or fewer than ", P, " to replicate them)");
+    moe::ExpertShard placed;
+    try {
+      placed = place_experts(s.num_experts, o.ep, 0);
+    } catch (const Error& e) {
+      MOLE_FAIL(s.name, ": ", e.what());
+    }
+    if (!placed.is_full()) {
       const double remote = static_cast<double>(P - 1) / static_cast<double>(P);
       const double pairs = static_cast<double>(o.tokens) * d.pairs_per_token;
       d.token_bytes = static_cast<int64_t>(2.0 * pairs * remote *
                                            static_cast<double>(s.in_features + s.out_features) *
                                            static_cast<double>(o.row_bytes));
-      const int64_t remote_experts = s.num_experts - s.num_experts / P;
+      const int64_t remote_experts = s.num_experts - placed.count;
       d.weight_bytes = 2 * remote_experts * s.params_per_expert * o.param_bytes;
       if (s.ffn_block) {
         d.extra_flops = std::max(0.0, d.pairs_per_token - 1.0) * static_cast<double>(o.tokens) *

@@ -44,7 +44,6 @@ at::Tensor exchange(dist::Communicator& comm, const at::Tensor& rows,
       if (static_cast<int>(p) != comm.rank()) remote += send[p];
     }
     traffic->bytes_sent += remote * row_bytes(in);
-    traffic->collectives += 1;
   }
   return out.to(device);
 }
@@ -83,7 +82,6 @@ class AllGatherFlat : public torch::autograd::Function<AllGatherFlat> {
     comm.all_gather(in, out)->wait();
     if (Traffic* t = from_int<Traffic>(traffic_int)) {
       t->bytes_sent += (comm.size() - 1) * in.numel() * static_cast<int64_t>(in.element_size());
-      t->collectives += 1;
     }
     ctx->saved_data["comm"] = comm_int;
     ctx->saved_data["traffic"] = traffic_int;
@@ -98,7 +96,6 @@ class AllGatherFlat : public torch::autograd::Function<AllGatherFlat> {
     comm.reduce_scatter(g, out)->wait();
     if (Traffic* t = from_int<Traffic>(ctx->saved_data["traffic"].toInt())) {
       t->bytes_sent += (comm.size() - 1) * out.numel() * static_cast<int64_t>(out.element_size());
-      t->collectives += 1;
     }
     return {out.to(device), at::Tensor(), at::Tensor()};
   }

@@ -21,11 +21,7 @@ namespace mole::parallel {
 // Bytes this rank sent to other ranks of the group (itself excluded), forward and backward.
 struct Traffic {
   std::atomic<int64_t> bytes_sent{0};
-  std::atomic<int64_t> collectives{0};
-  void reset() {
-    bytes_sent = 0;
-    collectives = 0;
-  }
+  void reset() { bytes_sent = 0; }
 };
 
 // rows_nD -> rows_RD: send_rows[p] rows go to rank p and recv_rows[p] come from it, in rank

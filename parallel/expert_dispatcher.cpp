@@ -6,21 +6,25 @@
 #include <numeric>
 
 #include "dist/communicator.h"
+#include "dist/process_grid.h"
 #include "kernels/check.h"
 
 namespace mole::parallel {
+
+moe::ExpertShard place_experts(int64_t num_experts, int ep, int ep_rank) {
+  MOLE_CHECK(num_experts > 0, "a site needs at least one expert, got ", num_experts);
+  dist::ParallelDims{ep, ep}.validate(num_experts);
+  if (ep == 1 || num_experts < ep) return {0, num_experts, num_experts};
+  const int64_t e = num_experts / ep;
+  return {ep_rank * e, e, num_experts};
+}
 
 ExpertParallelDispatcher::ExpertParallelDispatcher(dist::Communicator& ep,
                                                    std::map<std::string, moe::DispatchMode> modes)
     : ep_(ep), modes_(std::move(modes)) {}
 
 moe::ExpertShard ExpertParallelDispatcher::shard(int64_t num_experts) const {
-  const int64_t P = ep_.size();
-  MOLE_CHECK(num_experts > 0, "a site needs at least one expert, got ", num_experts);
-  if (P == 1 || num_experts < P) return {0, num_experts, num_experts};  // replicated
-  MOLE_CHECK(num_experts % P == 0, num_experts, " experts cannot be split over parallel.ep = ", P);
-  const int64_t e = num_experts / P;
-  return {ep_.rank() * e, e, num_experts};
+  return place_experts(num_experts, ep_.size(), ep_.rank());
 }
 
 moe::DispatchMode ExpertParallelDispatcher::mode(const std::string& site) const {
@@ -55,26 +59,20 @@ moe::Dispatched ExpertParallelDispatcher::dispatch(const at::Tensor& x_TD,
   }
   // Received rows come by source rank, then by local expert; regroup them by local expert (then
   // source rank), so that each expert's rows are one segment.
-  const int64_t R = std::accumulate(handle->recv_rows.begin(), handle->recv_rows.end(), int64_t{0});
+  // Segment (p, j) of the received rows starts at start_PE[p e + j].
+  std::vector<int64_t> start_PE(recv_PE.size(), 0);
+  for (size_t s = 1; s < recv_PE.size(); ++s) start_PE[s] = start_PE[s - 1] + recv_PE[s - 1];
   std::vector<int64_t> regroup;
-  regroup.reserve(static_cast<size_t>(R));
-  std::vector<int64_t> source_begin(static_cast<size_t>(P), 0);
-  for (int64_t p = 1; p < P; ++p) {
-    source_begin[static_cast<size_t>(p)] = source_begin[static_cast<size_t>(p - 1)] + handle->recv_rows[static_cast<size_t>(p - 1)];
-  }
   for (int64_t j = 0; j < e; ++j) {
     for (int64_t p = 0; p < P; ++p) {
-      int64_t begin = source_begin[static_cast<size_t>(p)];
-      for (int64_t jj = 0; jj < j; ++jj) begin += recv_PE[static_cast<size_t>(p * e + jj)];
-      const int64_t count = recv_PE[static_cast<size_t>(p * e + j)];
-      for (int64_t k = 0; k < count; ++k) regroup.push_back(begin + k);
+      const size_t s = static_cast<size_t>(p * e + j);
+      for (int64_t k = 0; k < recv_PE[s]; ++k) regroup.push_back(start_PE[s] + k);
     }
   }
   std::vector<int64_t> ungroup(regroup.size());
   for (size_t i = 0; i < regroup.size(); ++i) ungroup[static_cast<size_t>(regroup[i])] = static_cast<int64_t>(i);
-  const at::TensorOptions index = at::TensorOptions(at::kLong).device(x_TD.device());
-  handle->regroup_R = at::tensor(regroup, at::kLong).to(index.device());
-  handle->ungroup_R = at::tensor(ungroup, at::kLong).to(index.device());
+  handle->regroup_R = at::tensor(regroup, at::kLong).to(x_TD.device());
+  handle->ungroup_R = at::tensor(ungroup, at::kLong).to(x_TD.device());
 
   at::Tensor received_RD = exchange_rows(ep_, kernels::permute_rows(x_TD, plan), handle->send_rows,
                                          handle->recv_rows, &traffic_);

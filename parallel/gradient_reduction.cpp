@@ -9,17 +9,17 @@
 #include "dist/process_grid.h"
 
 namespace mole::parallel {
-namespace {
 
-at::Tensor squared_sum(const std::vector<at::Tensor>& params) {
-  at::Tensor total = at::zeros({}, at::kDouble);
+double grad_squared_sum(const std::vector<at::Tensor>& params) {
+  at::NoGradGuard no_grad;
+  at::Tensor total;
   for (const at::Tensor& p : params) {
-    if (p.grad().defined()) total = total + p.grad().to(at::kDouble).pow(2).sum().cpu();
+    if (!p.grad().defined()) continue;
+    at::Tensor sq = p.grad().to(at::kDouble).pow(2).sum();
+    total = total.defined() ? total + sq : sq;
   }
-  return total;
+  return total.defined() ? total.item<double>() : 0.0;
 }
-
-}  // namespace
 
 void all_reduce_gradients(const std::vector<at::Tensor>& params, dist::Communicator& group,
                           int64_t bucket_elements) {
@@ -62,11 +62,11 @@ void GradientReducer::reduce() const {
 }
 
 double GradientReducer::global_norm() const {
-  at::NoGradGuard no_grad;
-  double total = squared_sum(replicated_).item<double>();
+  double total = grad_squared_sum(replicated_);
   if (!expert_shards_.empty()) {
     // The EP group holds every expert of the split sites exactly once.
-    at::Tensor shards = squared_sum(expert_shards_).reshape({1}).to(grid_.ep().tensor_device());
+    at::Tensor shards =
+        at::tensor({grad_squared_sum(expert_shards_)}, at::kDouble).to(grid_.ep().tensor_device());
     grid_.ep().all_reduce(shards, dist::ReduceOp::kSum)->wait();
     total += shards.item<double>();
   }

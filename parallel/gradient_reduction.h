@@ -24,6 +24,10 @@ namespace mole::parallel {
 void all_reduce_gradients(const std::vector<at::Tensor>& params, dist::Communicator& group,
                           int64_t bucket_elements = int64_t{8} << 20);
 
+// The sum of squares of every defined gradient of `params`, in float64 (a device -> host sync);
+// non-finite when any gradient is.
+double grad_squared_sum(const std::vector<at::Tensor>& params);
+
 class GradientReducer {
  public:
   // `replicated`: tensors every rank holds in full; `expert_shards`: tensors holding this rank's

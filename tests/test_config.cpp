@@ -80,6 +80,10 @@ TEST(Config, ErrorsNameTheKeyAndTheAllowedValues) {
   EXPECT_NE(error_of("adapter: {dora: true}").find("DoRA"), std::string::npos);
   EXPECT_NE(error_of("parallel: {zero: 3}").find("'parallel.zero' must be 0, 1 or 2"),
             std::string::npos);
+  EXPECT_NE(error_of("parallel: {dispatch: experts}").find("auto, tokens, weights"),
+            std::string::npos);
+  EXPECT_NE(error_of("adapter: {router_init_range: -0.1}").find("'adapter.router_init_range' must be at least 0"),
+            std::string::npos);
 }
 
 TEST(Config, SetOverridesApplyBeforeValidation) {

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <filesystem>
 
 #include "checkpoint/safetensors.h"
 #include "tests/test_util.h"
@@ -46,30 +47,8 @@ class EpTrain : public ::testing::Test {
   test::TempDir dir_;
 };
 
-// The step metrics of `got` against `ref`, relative kLossTol.
-void expect_same_steps(const std::string& ref_dir, const std::string& got_dir) {
-  const std::vector<nlohmann::json> ref = test::metrics(ref_dir), got = test::metrics(got_dir);
-  ASSERT_EQ(ref.size(), 5u);
-  ASSERT_EQ(got.size(), ref.size()) << got_dir;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    for (const char* key : {"loss", "aux_loss", "load_balance", "grad_norm"}) {
-      const double a = ref[i].at(key).get<double>(), b = got[i].at(key).get<double>();
-      EXPECT_NEAR(b, a, kLossTol * std::abs(a)) << key << " at step " << i + 1 << " of " << got_dir;
-    }
-  }
-}
-
-// The worst relative difference over the adapter tensors the two runs wrote.
-double worst_weight_error(const std::string& ref_dir, const std::string& got_dir) {
-  st::SafetensorsFile ref(ref_dir + "/adapter/adapter_model.safetensors");
-  st::SafetensorsFile got(got_dir + "/adapter/adapter_model.safetensors");
-  EXPECT_EQ(got.names(), ref.names());
-  double worst = 0.0;
-  for (const std::string& name : ref.names()) {
-    worst = std::max(worst, test::rel_error(got.tensor(name), ref.tensor(name)));
-  }
-  return worst;
-}
+using test::expect_same_steps;
+using test::worst_weight_error;
 
 const std::string kTokens = " --set parallel.dispatch=tokens";
 const std::string kWeights = " --set parallel.dispatch=weights";
@@ -164,6 +143,30 @@ TEST_F(EpTrain, EvaluationMatchesOneRank) {
               kLossTol * a.at("eval_loss").get<double>());
   // Argmax over near-tied logits may flip for a token or two with float32 rounding (~2000 tokens).
   EXPECT_NEAR(b.at("eval_accuracy").get<double>(), a.at("eval_accuracy").get<double>(), 2e-3);
+}
+
+// Per-layer counts that do not split over EP are a start-up error on every rank, naming the site
+// and the numbers; the job ends (no rank waits in a collective) and no adapter is written.
+TEST_F(EpTrain, ExpertCountsThatDoNotSplitAreAStartUpError) {
+  const std::string cmd = "OMP_NUM_THREADS=1 " + test::mpirun(4) + test::demo_train_args(dir_.file("run"), 2) +
+                          " --set parallel.ep=4 --set adapter.method=mola --set adapter.experts=2,4,6,8";
+  EXPECT_NE(test::run(cmd, dir_.file("log")), 0);
+  const std::string log = test::read_bytes(dir_.file("log"));
+  EXPECT_NE(log.find("layers.2."), std::string::npos) << log;
+  EXPECT_NE(log.find("6 experts cannot be split over parallel.ep = 4"), std::string::npos) << log;
+  EXPECT_FALSE(std::filesystem::exists(dir_.file("run/adapter"))) << "nothing written";
+}
+
+// `mole bench dispatch` needs several ranks and experts that split over them.
+TEST_F(EpTrain, BenchDispatchBadLayoutsAreClearErrors) {
+  const std::string args = std::string(MOLE_BINARY) + " bench dispatch --tokens 8 --hidden 8 --iters 1";
+  EXPECT_NE(test::run(args, dir_.file("log")), 0);
+  EXPECT_NE(test::read_bytes(dir_.file("log")).find("run it under mpirun"), std::string::npos)
+      << test::read_bytes(dir_.file("log"));
+  EXPECT_NE(test::run(test::mpirun(2) + args + " --experts 3", dir_.file("log")), 0);
+  EXPECT_NE(test::read_bytes(dir_.file("log")).find("--experts 3 must be a multiple of the 2 ranks"),
+            std::string::npos)
+      << test::read_bytes(dir_.file("log"));
 }
 
 // `mole bench dispatch` at a small shape: it runs on 2 ranks, and the bytes it measures match

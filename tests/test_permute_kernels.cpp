@@ -198,25 +198,37 @@ Grads reference_forward_backward(const at::Tensor& x_TD, const at::Tensor& weigh
   return g;
 }
 
+// A hand-written case's plan and integer-valued data (rows, weights 1..N, an output-gradient
+// probe), so every sum is exact in any order.
+struct HandData {
+  PermutePlan plan;
+  at::Tensor x_TD, weight_N, grad_y_TD;
+};
+
+HandData hand_data(const Case& c, int64_t D, at::ScalarType dtype) {
+  HandData h;
+  h.plan = kernels::make_permute_plan(longs(c.token), longs(c.expert), c.num_tokens, c.num_experts);
+  h.x_TD = token_rows(c.num_tokens, D, dtype);
+  h.weight_N = at::arange(1, h.plan.num_rows() + 1, dtype);
+  h.grad_y_TD = (at::arange(c.num_tokens * D, dtype) - 5).reshape({c.num_tokens, D});
+  return h;
+}
+
+// Every output and gradient equal (on the host).
+void expect_equal(const Grads& got, const Grads& want) {
+  EXPECT_TRUE(at::equal(got.rows_ND.cpu(), want.rows_ND));
+  EXPECT_TRUE(at::equal(got.y_TD.cpu(), want.y_TD));
+  EXPECT_TRUE(at::equal(got.grad_rows_ND.cpu(), want.grad_rows_ND));
+  EXPECT_TRUE(at::equal(got.grad_w_N.cpu(), want.grad_w_N));
+  EXPECT_TRUE(at::equal(got.grad_x_TD.cpu(), want.grad_x_TD));
+}
+
 TEST(PermuteKernelReference, BackwardMatchesAtenAutogradOnHandWrittenCases) {
-  const int64_t D = 4;
   for (const Case& c : hand_written_cases()) {
     SCOPED_TRACE(c.name);
-    PermutePlan plan =
-        kernels::make_permute_plan(longs(c.token), longs(c.expert), c.num_tokens, c.num_experts);
-    const int64_t N = plan.num_rows();
-    // Integer-valued data and probe: every sum is exact in any order.
-    at::Tensor x_TD = token_rows(c.num_tokens, D, at::kDouble);
-    at::Tensor weight_N = at::arange(1, N + 1, at::kDouble);
-    at::Tensor grad_y_TD =
-        (at::arange(c.num_tokens * D, at::kDouble) - 5).reshape({c.num_tokens, D});
-    const Grads want = aten_forward_backward(x_TD, weight_N, grad_y_TD, plan);
-    const Grads got = reference_forward_backward<double>(x_TD, weight_N, grad_y_TD, plan);
-    EXPECT_TRUE(at::equal(got.rows_ND, want.rows_ND));
-    EXPECT_TRUE(at::equal(got.y_TD, want.y_TD));
-    EXPECT_TRUE(at::equal(got.grad_rows_ND, want.grad_rows_ND));
-    EXPECT_TRUE(at::equal(got.grad_w_N, want.grad_w_N));
-    EXPECT_TRUE(at::equal(got.grad_x_TD, want.grad_x_TD));
+    const HandData h = hand_data(c, 4, at::kDouble);
+    expect_equal(reference_forward_backward<double>(h.x_TD, h.weight_N, h.grad_y_TD, h.plan),
+                 aten_forward_backward(h.x_TD, h.weight_N, h.grad_y_TD, h.plan));
   }
 }
 
@@ -315,31 +327,18 @@ TEST(PermuteKernelCuda, EdgeCasesAndHostPlan) {
     GTEST_SKIP() << "CUDA permute kernels not built (MOLE_HAVE_CUDA_KERNELS off): CUDA tensors "
                     "take the ATen path";
   }
-  const int64_t D = 3;
   for (const Case& c : hand_written_cases()) {
     SCOPED_TRACE(c.name);
     // A plan made on the host, used with CUDA tensors (its index tensors are copied over).
-    PermutePlan plan =
-        kernels::make_permute_plan(longs(c.token), longs(c.expert), c.num_tokens, c.num_experts);
-    const int64_t N = plan.num_rows();
-    at::Tensor x_TD = token_rows(c.num_tokens, D, at::kFloat);
-    at::Tensor weight_N = at::arange(1, N + 1, at::kFloat);
-    at::Tensor grad_y_TD =
-        (at::arange(c.num_tokens * D, at::kFloat) - 5).reshape({c.num_tokens, D});
-    const Grads want = aten_forward_backward(x_TD, weight_N, grad_y_TD, plan);
-
-    at::Tensor x = x_TD.cuda().requires_grad_(true);
-    at::Tensor w = weight_N.cuda().requires_grad_(true);
-    at::Tensor rows_ND = kernels::permute_rows(x, plan);
+    const HandData h = hand_data(c, 3, at::kFloat);
+    at::Tensor x = h.x_TD.cuda().requires_grad_(true);
+    at::Tensor w = h.weight_N.cuda().requires_grad_(true);
+    at::Tensor rows_ND = kernels::permute_rows(x, h.plan);
     rows_ND.retain_grad();
-    at::Tensor y_TD = kernels::unpermute_combine(rows_ND, plan, w);
-    (y_TD * grad_y_TD.cuda()).sum().backward();
-    // Integer-valued: exact in any summation order.
-    EXPECT_TRUE(at::equal(rows_ND.detach().cpu(), want.rows_ND));
-    EXPECT_TRUE(at::equal(y_TD.detach().cpu(), want.y_TD));
-    EXPECT_TRUE(at::equal(grad_of(rows_ND).cpu(), want.grad_rows_ND));
-    EXPECT_TRUE(at::equal(grad_of(w).cpu(), want.grad_w_N));
-    EXPECT_TRUE(at::equal(grad_of(x).cpu(), want.grad_x_TD));
+    at::Tensor y_TD = kernels::unpermute_combine(rows_ND, h.plan, w);
+    (y_TD * h.grad_y_TD.cuda()).sum().backward();
+    expect_equal({rows_ND.detach(), y_TD.detach(), grad_of(x), grad_of(rows_ND), grad_of(w)},
+                 aten_forward_backward(h.x_TD, h.weight_N, h.grad_y_TD, h.plan));
   }
   // Non-contiguous input; float16 keeps the ATen path.
   at::Tensor x_DT = token_rows(4, 3, at::kFloat).t().contiguous().cuda();

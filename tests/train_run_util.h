@@ -1,13 +1,19 @@
 // Helpers for tests that run `mole train` as a real process, alone or under mpirun: command lines
-// for short runs of the demo config, and the metrics a run wrote.
+// for short runs of the demo config, the metrics a run wrote, and the comparison of two runs.
 #pragma once
 
+#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <string>
 #include <vector>
+
+#include "checkpoint/safetensors.h"
+#include "tests/test_util.h"
 
 namespace mole::test {
 
@@ -36,6 +42,33 @@ inline std::vector<nlohmann::json> metrics(const std::string& dir) {
   std::vector<nlohmann::json> lines;
   for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
   return lines;
+}
+
+// Every logged step of `got_dir` against `ref_dir`: loss, aux loss, load-balance loss and gradient
+// norm agree to `rel_tol` (relative); both logged `steps` lines.
+inline void expect_same_steps(const std::string& ref_dir, const std::string& got_dir,
+                              size_t steps = 5, double rel_tol = 1e-5) {
+  const std::vector<nlohmann::json> ref = metrics(ref_dir), got = metrics(got_dir);
+  ASSERT_EQ(ref.size(), steps) << ref_dir;
+  ASSERT_EQ(got.size(), ref.size()) << got_dir;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    for (const char* key : {"loss", "aux_loss", "load_balance", "grad_norm"}) {
+      const double a = ref[i].at(key).get<double>(), b = got[i].at(key).get<double>();
+      EXPECT_NEAR(b, a, rel_tol * std::abs(a)) << key << " at step " << i + 1 << " of " << got_dir;
+    }
+  }
+}
+
+// The worst relative difference over the adapter tensors two runs wrote (the same names).
+inline double worst_weight_error(const std::string& ref_dir, const std::string& got_dir) {
+  st::SafetensorsFile ref(ref_dir + "/adapter/adapter_model.safetensors");
+  st::SafetensorsFile got(got_dir + "/adapter/adapter_model.safetensors");
+  EXPECT_EQ(got.names(), ref.names());
+  double worst = 0.0;
+  for (const std::string& name : ref.names()) {
+    worst = std::max(worst, rel_error(got.tensor(name), ref.tensor(name)));
+  }
+  return worst;
 }
 
 }  // namespace mole::test

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdio>
+#include <functional>
 
 #include "moe/moe_site.h"
 #include "parallel/expert_dispatcher.h"
@@ -61,27 +62,43 @@ at::Tensor summed(Communicator& comm, const at::Tensor& t) {
   return out;
 }
 
+// A site holding every expert and the same site holding this rank's shard: how to run each on
+// this rank's tokens, and their trainable tensors (router first, then the expert stacks).
+struct SitePair {
+  std::function<at::Tensor(const at::Tensor&, moe::ForwardContext&)> full, mine;
+  std::vector<at::Tensor> full_params, mine_params;
+};
+
 // One forward + backward of both sites on this rank's tokens; returns the worst relative error
 // over the output, the input and router gradients, and the expert gradients (shard vs the sum
 // over ranks of the full site's, sliced).
-double compare_ffn(Communicator& comm, FfnSetup& s, const parallel::ExpertParallelDispatcher& d,
-                   const at::Tensor& x_TD, const moe::ExpertShard& shard) {
+double compare_sites(Communicator& comm, const SitePair& s, const moe::Dispatcher& d,
+                     const at::Tensor& x_TD, const moe::ExpertShard& shard) {
   at::Tensor x_ref = x_TD.clone().requires_grad_(true), x_ep = x_TD.clone().requires_grad_(true);
   moe::ForwardContext ref_ctx, ep_ctx;
   ep_ctx.dispatcher = &d;
-  at::Tensor y_ref = s.full->forward(x_ref, s.gate, s.up, s.down, ref_ctx);
-  at::Tensor y_ep = s.shard->forward(x_ep, s.gate, s.up, s.down, ep_ctx);
+  at::Tensor y_ref = s.full(x_ref, ref_ctx), y_ep = s.mine(x_ep, ep_ctx);
   at::Tensor probe = at::linspace(-1.0, 1.0, y_ref.numel()).view(y_ref.sizes());
   (y_ref * probe).sum().backward();
   (y_ep * probe).sum().backward();
   double worst = std::max(rel_error(y_ep, y_ref), rel_error(x_ep.grad(), x_ref.grad()));
-  worst = std::max(worst, rel_error(s.shard->router_weight().grad(), s.full->router_weight().grad()));
-  const std::vector<at::Tensor> full = expert_tensors(*s.full), mine = expert_tensors(*s.shard);
-  for (size_t i = 0; i < full.size(); ++i) {
-    at::Tensor want = summed(comm, full[i].grad()).narrow(0, shard.first, shard.count);
-    worst = std::max(worst, rel_error(mine[i].grad(), want));
+  worst = std::max(worst, rel_error(s.mine_params[0].grad(), s.full_params[0].grad()));
+  for (size_t i = 1; i < s.full_params.size(); ++i) {
+    at::Tensor want = summed(comm, s.full_params[i].grad()).narrow(0, shard.first, shard.count);
+    worst = std::max(worst, rel_error(s.mine_params[i].grad(), want));
   }
   return worst;
+}
+
+SitePair pair_of(const FfnSetup& s) {
+  auto params = [](const moe::FfnMoeSite& site) {
+    std::vector<at::Tensor> p = expert_tensors(site);
+    p.insert(p.begin(), site.router_weight());
+    return p;
+  };
+  return {[&s](const at::Tensor& x, moe::ForwardContext& ctx) { return s.full->forward(x, s.gate, s.up, s.down, ctx); },
+          [&s](const at::Tensor& x, moe::ForwardContext& ctx) { return s.shard->forward(x, s.gate, s.up, s.down, ctx); },
+          params(*s.full), params(*s.shard)};
 }
 
 class EpSites : public BackendTest {};
@@ -96,7 +113,7 @@ TEST_P(EpSites, FfnBlockMatchesLocalExpertsInBothModes) {
     at::manual_seed(3);
     FfnSetup s = make_ffn(E, moe::RouterOptions{}, shard, at::randn({E, kD}) * 0.5);
     at::manual_seed(100 + r);
-    const double worst = compare_ffn(comm(), s, d, at::randn({5 + 3 * r, kD}), shard);
+    const double worst = compare_sites(comm(), pair_of(s), d, at::randn({5 + 3 * r, kD}), shard);
     char text[32];
     std::snprintf(text, sizeof text, "%.3e", worst);
     RecordProperty(std::string("worst_rel_error_") + moe::dispatch_mode_name(mode), text);
@@ -121,19 +138,12 @@ TEST_P(EpSites, LinearSiteMatchesLocalExpertsInBothModes) {
     mine.set_experts(lora.slice(shard.first, shard.count));
     at::manual_seed(200 + r);
     at::Tensor x = at::randn({4 + 5 * r, kD});
-    at::Tensor x_ref = x.clone().requires_grad_(true), x_ep = x.clone().requires_grad_(true);
-    moe::ForwardContext ref_ctx, ep_ctx;
-    ep_ctx.dispatcher = &d;
-    at::Tensor y_ref = full.delta(x_ref, ref_ctx), y_ep = mine.delta(x_ep, ep_ctx);
-    at::Tensor probe = at::linspace(-1.0, 1.0, y_ref.numel()).view(y_ref.sizes());
-    (y_ref * probe).sum().backward();
-    (y_ep * probe).sum().backward();
-    double worst = std::max(rel_error(y_ep, y_ref), rel_error(x_ep.grad(), x_ref.grad()));
-    worst = std::max(worst, rel_error(mine.router_weight().grad(), full.router_weight().grad()));
-    worst = std::max(worst, rel_error(mine.experts().a_ErI.grad(),
-                                      summed(comm(), full.experts().a_ErI.grad()).narrow(0, shard.first, shard.count)));
-    worst = std::max(worst, rel_error(mine.experts().b_EOr.grad(),
-                                      summed(comm(), full.experts().b_EOr.grad()).narrow(0, shard.first, shard.count)));
+    const SitePair pair{
+        [&full](const at::Tensor& x_TD, moe::ForwardContext& ctx) { return full.delta(x_TD, ctx); },
+        [&mine](const at::Tensor& x_TD, moe::ForwardContext& ctx) { return mine.delta(x_TD, ctx); },
+        {full.router_weight(), full.experts().a_ErI, full.experts().b_EOr},
+        {mine.router_weight(), mine.experts().a_ErI, mine.experts().b_EOr}};
+    const double worst = compare_sites(comm(), pair, d, x, shard);
     EXPECT_LT(worst, kTol);
   }
 }
@@ -155,26 +165,24 @@ TEST_P(EpSites, EveryTokenToOneExpertStillTrains) {
     FfnSetup s = make_ffn(E, top1, shard, router);
     at::manual_seed(300 + r);
     at::Tensor x = at::rand({6, kD}) + 0.1;
+    SitePair pair = pair_of(s);
     for (int step = 0; step < 3; ++step) {
-      const double worst = compare_ffn(comm(), s, d, x, shard);
+      const double worst = compare_sites(comm(), pair, d, x, shard);
       EXPECT_LT(worst, kTol) << "step " << step;
       // The routing stayed maximally imbalanced.
       moe::ForwardContext probe_ctx;
       s.full->forward(x, s.gate, s.up, s.down, probe_ctx);
       EXPECT_EQ(probe_ctx.sites.at(0).stats.pairs_E[0].item<double>(), 6.0) << "step " << step;
       at::NoGradGuard no_grad;
-      auto update = [&](const at::Tensor& p, const at::Tensor& g) { const_cast<at::Tensor&>(p).sub_(0.05 * g); };
-      update(s.full->router_weight(), summed(comm(), s.full->router_weight().grad()));
-      update(s.shard->router_weight(), summed(comm(), s.shard->router_weight().grad()));
-      const std::vector<at::Tensor> full = expert_tensors(*s.full), mine = expert_tensors(*s.shard);
-      for (size_t i = 0; i < full.size(); ++i) {
-        update(full[i], summed(comm(), full[i].grad()));
-        update(mine[i], mine[i].grad());  // the owner already holds every rank's contribution
+      for (size_t i = 0; i < pair.full_params.size(); ++i) {
+        at::Tensor &full = pair.full_params[i], &mine = pair.mine_params[i];
+        full.sub_(0.05 * summed(comm(), full.grad()));
+        // The router is replicated (summed over ranks); an expert shard's owner already holds
+        // every rank's contribution.
+        mine.sub_(0.05 * (i == 0 ? summed(comm(), mine.grad()) : mine.grad()));
+        full.mutable_grad().zero_();
+        mine.mutable_grad().zero_();
       }
-      for (const at::Tensor& t : full) const_cast<at::Tensor&>(t).mutable_grad().zero_();
-      for (const at::Tensor& t : mine) const_cast<at::Tensor&>(t).mutable_grad().zero_();
-      const_cast<at::Tensor&>(s.full->router_weight()).mutable_grad().zero_();
-      const_cast<at::Tensor&>(s.shard->router_weight()).mutable_grad().zero_();
     }
   }
 }
