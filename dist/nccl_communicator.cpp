@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "kernels/check.h"
+#include "kernels/cuda/cuda_check.h"
 
 #if NCCL_VERSION_CODE < NCCL_VERSION(2, 10, 0)
 #error "the NCCL backend needs NCCL 2.10 or newer (ncclBfloat16)"
@@ -28,30 +29,6 @@
 namespace mole::dist {
 namespace {
 
-
-// "/src/dist/x.cpp" -> "dist/x.cpp".
-std::string short_path(const char* file) {
-  std::string path(file);
-  const size_t last = path.rfind('/');
-  if (last != std::string::npos && last > 0) {
-    const size_t parent = path.rfind('/', last - 1);
-    if (parent != std::string::npos) path = path.substr(parent + 1);
-  }
-  return path;
-}
-
-// "ncclAllReduce(data, ...)" -> "ncclAllReduce".
-std::string call_name(const char* call) {
-  std::string name(call);
-  return name.substr(0, name.find('('));
-}
-
-[[noreturn]] void throw_cuda_error(const char* call, cudaError_t rc, const std::string& context,
-                                   const char* file, int line) {
-  MOLE_FAIL(context, ": ", call_name(call), " failed: ", cudaGetErrorString(rc), " (",
-            short_path(file), ":", line, ")");
-}
-
 [[noreturn]] void throw_nccl_error(const char* call, ncclResult_t rc, const std::string& context,
                                    const char* file, int line) {
   std::string text = ncclGetErrorString(rc);
@@ -59,21 +36,12 @@ std::string call_name(const char* call) {
   const char* last = ncclGetLastError(nullptr);  // thread's last error; the argument is unused
   if (last != nullptr && *last != '\0') text += std::string(": ") + last;
 #endif
-  MOLE_FAIL(context, ": ", call_name(call), " failed: ", text, " (", short_path(file), ":", line,
-            ")");
+  MOLE_FAIL(context, ": ", ::mole::detail::call_name(call), " failed: ", text, " (",
+            ::mole::detail::short_path(file), ":", line, ")");
 }
 
 }  // namespace
 }  // namespace mole::dist
-
-// context: a std::string naming the operation and communicator, "all_reduce on communicator ...".
-#define MOLE_CUDA_CHECK(call, context)                                                     \
-  do {                                                                                     \
-    const cudaError_t mole_cuda_rc_ = (call);                                              \
-    if (mole_cuda_rc_ != cudaSuccess) {                                                    \
-      ::mole::dist::throw_cuda_error(#call, mole_cuda_rc_, (context), __FILE__, __LINE__); \
-    }                                                                                      \
-  } while (0)
 
 #define MOLE_NCCL_CHECK(call, context)                                                     \
   do {                                                                                     \
@@ -280,7 +248,7 @@ class NcclWork final : public Work {
       }
       if (rc != cudaErrorNotReady) {
         state_->failed = true;
-        throw_cuda_error("cudaEventQuery", rc, where, __FILE__, __LINE__);
+        ::mole::detail::throw_cuda_error("cudaEventQuery", rc, where, __FILE__, __LINE__);
       }
       ncclResult_t async_rc = ncclSuccess;
       MOLE_NCCL_CHECK(ncclCommGetAsyncError(state_->comm, &async_rc), where);
@@ -380,7 +348,7 @@ std::shared_ptr<Work> launch(const std::shared_ptr<NcclState>& state, const char
   if (rc != cudaSuccess) {
     state->failed = true;
     leak(std::move(pending));  // queued, but nothing can tell when it is done
-    throw_cuda_error("cudaEventRecord", rc, where, __FILE__, __LINE__);
+    ::mole::detail::throw_cuda_error("cudaEventRecord", rc, where, __FILE__, __LINE__);
   }
   return std::make_shared<NcclWork>(state, op, std::move(pending));
 }

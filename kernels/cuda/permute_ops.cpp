@@ -17,16 +17,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "kernels/check.h"
+#include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/permute_kernels.h"
-
-// Turns a launcher's error code into a mole::Error naming the call and where it was made.
-#define MOLE_CUDA_CHECK(call)                                                                 \
-  do {                                                                                        \
-    const cudaError_t mole_cuda_err = (call);                                                 \
-    MOLE_CHECK(mole_cuda_err == cudaSuccess, #call,                                           \
-               " failed: ", cudaGetErrorString(mole_cuda_err), " (", __FILE__, ":", __LINE__, \
-               ")");                                                                          \
-  } while (0)
 
 namespace mole::kernels {
 namespace {
@@ -42,8 +34,10 @@ constexpr cudaStream_t kDefaultStream = nullptr;  // the legacy default stream; 
 class CurrentDevice {
  public:
   explicit CurrentDevice(at::Device device) : target_(static_cast<int>(device.index())) {
-    MOLE_CUDA_CHECK(cudaGetDevice(&previous_));
-    if (previous_ != target_) MOLE_CUDA_CHECK(cudaSetDevice(target_));
+    MOLE_CUDA_CHECK(cudaGetDevice(&previous_), ::mole::detail::cat("permute (CUDA) on ", device));
+    if (previous_ != target_) {
+      MOLE_CUDA_CHECK(cudaSetDevice(target_), ::mole::detail::cat("permute (CUDA) on ", device));
+    }
   }
   ~CurrentDevice() {
     if (previous_ != target_) cudaSetDevice(previous_);  // best effort: destructors do not throw
@@ -105,7 +99,8 @@ void launch_gather(const at::Tensor& x_TD, const at::Tensor& token_N, const at::
   CurrentDevice current(device);
   MOLE_CUDA_CHECK(cuda::gather_rows(row_type(dtype), x_TD.data_ptr(), token_N.data_ptr<int64_t>(),
                                     scale_N.defined() ? scale_N.data_ptr() : nullptr,
-                                    out_ND.data_ptr(), num_rows, dim, kDefaultStream));
+                                    out_ND.data_ptr(), num_rows, dim, kDefaultStream),
+                  ::mole::detail::cat("gather_rows on ", device));
 }
 
 // Routing pairs grouped by token, for combine_rows: pairs_by_token_N (routing order within a
@@ -141,11 +136,13 @@ void launch_combine(const at::Tensor& rows_ND, const at::Tensor& inverse_N,
   }
   check_operand("combine_rows", "y", y_TD, {num_tokens, dim}, dtype, device);
   CurrentDevice current(device);
-  MOLE_CUDA_CHECK(cuda::combine_rows(
-      row_type(dtype), rows_ND.data_ptr(), inverse_N.data_ptr<int64_t>(),
-      index.pairs_by_token_N.data_ptr<int64_t>(), index.offsets_T1.data_ptr<int64_t>(),
-      weight_N.defined() ? weight_N.data_ptr() : nullptr, y_TD.data_ptr(), num_tokens, dim,
-      kDefaultStream));
+  MOLE_CUDA_CHECK(
+      cuda::combine_rows(row_type(dtype), rows_ND.data_ptr(), inverse_N.data_ptr<int64_t>(),
+                         index.pairs_by_token_N.data_ptr<int64_t>(),
+                         index.offsets_T1.data_ptr<int64_t>(),
+                         weight_N.defined() ? weight_N.data_ptr() : nullptr, y_TD.data_ptr(),
+                         num_tokens, dim, kDefaultStream),
+      ::mole::detail::cat("combine_rows on ", device));
 }
 
 // out_N[i] = <rows_ND[i], g_TD[token_N[i]]> in the accumulation type.
@@ -159,9 +156,10 @@ void launch_row_dot(const at::Tensor& rows_ND, const at::Tensor& g_TD, const at:
   check_operand("row_dot", "token", token_N, {num_rows}, at::kLong, device);
   check_operand("row_dot", "out", out_N, {num_rows}, acc_dtype(dtype), device);
   CurrentDevice current(device);
-  MOLE_CUDA_CHECK(cuda::row_dot(row_type(dtype), rows_ND.data_ptr(), g_TD.data_ptr(),
-                                token_N.data_ptr<int64_t>(), out_N.data_ptr(), num_rows, dim,
-                                kDefaultStream));
+  MOLE_CUDA_CHECK(
+      cuda::row_dot(row_type(dtype), rows_ND.data_ptr(), g_TD.data_ptr(),
+                    token_N.data_ptr<int64_t>(), out_N.data_ptr(), num_rows, dim, kDefaultStream),
+      ::mole::detail::cat("row_dot on ", device));
 }
 
 // x_TD -> rows_ND = x_TD[token_N]. Backward: grad_x[t] = sum of the grad rows of t's pairs.
