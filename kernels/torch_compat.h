@@ -34,7 +34,9 @@ inline at::Tensor scaled_dot_product_attention(const at::Tensor& q, const at::Te
                                : at::ones({s_q, s_k}, q.options().dtype(at::kBool)).tril(s_k - s_q);
   at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).mul(scale);
   scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
-  at::Tensor probs = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
+  // Reduced precision (bf16) softmax runs in float32; float32 and float64 in their own dtype.
+  const at::ScalarType softmax_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor probs = at::softmax(scores, -1, softmax_dtype).to(q.scalar_type());
   return at::matmul(probs, v);
 #endif
 }

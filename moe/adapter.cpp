@@ -30,7 +30,8 @@ std::string short_name(const std::string& linear_name) {
 
 at::Tensor router_init(int64_t experts, int64_t in, double range, const at::TensorOptions& options,
                        const at::Generator& gen) {
-  at::Tensor w = at::empty({experts, in}, at::kFloat);
+  // float32 draws (float64 for a float64 adapter: CPU-independent, see init_base_random).
+  at::Tensor w = at::empty({experts, in}, options.dtype() == at::kDouble ? at::kDouble : at::kFloat);
   w.normal_(0.0, range, gen);
   return w.to(options).requires_grad_(true);
 }

@@ -54,7 +54,9 @@ CausalLM::CausalLM(ModelConfig config, const at::TensorOptions& options)
   const ModelConfig& c = config_;
   const int64_t q_dim = c.num_heads * c.head_dim;
   const int64_t kv_dim = c.num_kv_heads * c.head_dim;
-  inv_freq_ = rope_inv_freq(c.rope, c.head_dim).to(options.device());
+  // The fp64 exactness mode computes its RoPE tables in float64 too.
+  const at::ScalarType rope_dtype = options.dtype() == at::kDouble ? at::kDouble : at::kFloat;
+  inv_freq_ = rope_inv_freq(c.rope, c.head_dim, rope_dtype).to(options.device());
   embed_VD_ = at::empty({c.vocab_size, c.hidden_size}, options);
   layers_.resize(static_cast<size_t>(c.num_layers));
   for (DecoderLayer& layer : layers_) {
@@ -134,7 +136,9 @@ std::vector<NamedTensor> CausalLM::trainable_parameters() const {
 void CausalLM::init_base_random(const at::Generator& gen) {
   at::NoGradGuard no_grad;
   for_each_base_parameter([&](const std::string& name, at::Tensor& param) {
-    at::Tensor value = at::empty(param.sizes(), at::kFloat);
+    // float32 draws (float64 for a float64 model: its values then do not depend on the CPU's
+    // vectorised float32 normal sampler).
+    at::Tensor value = at::empty(param.sizes(), param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
     const bool is_norm = name.find("norm.weight") != std::string::npos;
     const bool is_bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
     if (is_norm) value.fill_(1.0);

@@ -111,7 +111,7 @@ class CausalLM {
 
   ModelConfig config_;
   at::TensorOptions options_;
-  at::Tensor inv_freq_;  // float32 [d/2]
+  at::Tensor inv_freq_;  // [d/2], float32 (float64 for a float64 model)
   at::Tensor embed_VD_;
   std::vector<DecoderLayer> layers_;
   RmsNorm final_norm_;

@@ -27,9 +27,11 @@ at::Tensor llama3_scale(const at::Tensor& inv_freq, const RopeConfig& rope) {
 
 }  // namespace
 
-at::Tensor rope_inv_freq(const RopeConfig& rope, int64_t head_dim) {
+at::Tensor rope_inv_freq(const RopeConfig& rope, int64_t head_dim, at::ScalarType dtype) {
   MOLE_CHECK(head_dim > 0 && head_dim % 2 == 0, "RoPE needs an even head_dim, got ", head_dim);
-  at::Tensor exponents = at::arange(0, head_dim, 2, at::kLong).to(at::kFloat) / head_dim;
+  MOLE_CHECK(dtype == at::kFloat || dtype == at::kDouble, "RoPE tables are float32 or float64, got ",
+             dtype);
+  at::Tensor exponents = at::arange(0, head_dim, 2, at::kLong).to(dtype) / head_dim;
   at::Tensor inv_freq = at::pow(rope.theta, exponents).reciprocal();
   if (rope.type == "default") return inv_freq;
   if (rope.type == "linear") return inv_freq / rope.factor;
@@ -38,7 +40,8 @@ at::Tensor rope_inv_freq(const RopeConfig& rope, int64_t head_dim) {
 }
 
 RopeTables rope_tables(const at::Tensor& inv_freq, int64_t seq_len, const at::Device& device) {
-  at::Tensor positions = at::arange(seq_len, at::TensorOptions(at::kFloat).device(device));
+  at::Tensor positions =
+      at::arange(seq_len, at::TensorOptions(inv_freq.scalar_type()).device(device));
   at::Tensor freqs_Sh = at::outer(positions, inv_freq.to(device));
   at::Tensor emb_Sd = at::cat({freqs_Sh, freqs_Sh}, -1);
   return {emb_Sd.cos(), emb_Sd.sin()};
