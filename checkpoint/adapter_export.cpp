@@ -35,21 +35,32 @@ json router_json(const moe::RouterOptions& r) {
           {"entropy_threshold", r.entropy_threshold}, {"keep_top_k", r.keep_top_k}};
 }
 
-void add_experts(std::vector<std::pair<std::string, at::Tensor>>& out, const std::string& prefix,
-                 const moe::ExpertLora& lora) {
-  for (int64_t e = 0; e < lora.num_experts(); ++e) {
-    const std::string p = prefix + ".experts." + std::to_string(e);
-    out.emplace_back(p + ".lora_A.weight", lora.a_ErI[e].detach().contiguous());
-    out.emplace_back(p + ".lora_B.weight", lora.b_EOr[e].detach().contiguous());
+// MoE-PEFT's name of a whole trainable tensor: `model.layers.0.X` -> `<method>.layers.0.X`; an
+// expert stack [E, ...] becomes one tensor per expert, `....experts.<e>.lora_A.weight`.
+void add_moe_peft(std::vector<std::pair<std::string, at::Tensor>>& out, const std::string& method,
+                  const std::string& name, const at::Tensor& t) {
+  static const std::string kModel = "model.";
+  MOLE_CHECK(name.rfind(kModel, 0) == 0, "save_adapter: unexpected tensor name '", name, "'");
+  const std::string path = method + "." + name.substr(kModel.size());
+  for (const char* ab : {"lora_A", "lora_B"}) {
+    const std::string stack = std::string(".experts.") + ab;
+    if (path.size() > stack.size() && path.compare(path.size() - stack.size(), stack.size(), stack) == 0) {
+      const std::string prefix = path.substr(0, path.size() - stack.size());
+      for (int64_t e = 0; e < t.size(0); ++e) {
+        out.emplace_back(prefix + ".experts." + std::to_string(e) + "." + ab + ".weight",
+                         t[e].detach().contiguous());
+      }
+      return;
+    }
   }
+  out.emplace_back(path, t.detach().contiguous());
 }
 
 }  // namespace
 
-void save_adapter(const moe::CausalLM& model, const moe::AdapterSpec& spec, const std::string& dir,
-                  const std::string& base_model) {
+void save_adapter(const std::vector<moe::NamedTensor>& whole, const moe::AdapterSpec& spec,
+                  const std::string& dir, const std::string& base_model) {
   fs::create_directories(dir);
-  auto& m = const_cast<moe::CausalLM&>(model);
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   json config = {{"peft_type", peft_type(spec.method)}, {"task_type", "CAUSAL_LM"},
                  {"base_model_name_or_path", base_model}, {"bias", "none"},
@@ -59,7 +70,7 @@ void save_adapter(const moe::CausalLM& model, const moe::AdapterSpec& spec, cons
   if (spec.method == moe::Method::kLora) {
     config.update({{"fan_in_fan_out", false}, {"inference_mode", true},
                    {"modules_to_save", nullptr}, {"init_lora_weights", true}});
-    for (const auto& [name, t] : model.lora_parameters()) {
+    for (const auto& [name, t] : whole) {
       tensors.emplace_back("base_model.model." + name, t.detach().contiguous());
     }
   } else {
@@ -96,33 +107,24 @@ void save_adapter(const moe::CausalLM& model, const moe::AdapterSpec& spec, cons
         config.update({{"routing_strategy", prefix}, {"top_k", spec.router.top_k}});
         break;
     }
-    for (int64_t i = 0; i < model.num_layers(); ++i) {
-      moe::DecoderLayer& layer = m.layer(i);
-      const std::string lp = prefix + ".layers." + std::to_string(i) + ".";
-      for (const std::string& name : moe::linear_names()) {
-        const auto& lora = layer.linear(name).lora();
-        if (lora) {
-          tensors.emplace_back(lp + name + ".lora_A.weight", lora->a_rI.detach().contiguous());
-          tensors.emplace_back(lp + name + ".lora_B.weight", lora->b_Or.detach().contiguous());
-        }
-        auto site = layer.linear_sites.find(name);
-        if (site != layer.linear_sites.end()) {
-          tensors.emplace_back(lp + name + ".moe_gate.weight", site->second->router_weight().detach());
-          add_experts(tensors, lp + name, site->second->experts());
-        }
-      }
-      if (layer.ffn_site) {
-        tensors.emplace_back(lp + "mlp.moe_gate.weight", layer.ffn_site->router_weight().detach());
-        add_experts(tensors, lp + "mlp.gate_proj", layer.ffn_site->gate());
-        add_experts(tensors, lp + "mlp.up_proj", layer.ffn_site->up());
-        add_experts(tensors, lp + "mlp.down_proj", layer.ffn_site->down());
-      }
-    }
+    for (const auto& [name, t] : whole) add_moe_peft(tensors, prefix, name, t);
   }
   MOLE_CHECK(!tensors.empty(), "save_adapter: the model carries no adapter weights");
   st::save_file(dir + "/adapter_model.safetensors", tensors, {{"format", "pt"}});
   write_json_file(dir + "/adapter_config.json", config);
   spdlog::info("wrote {} adapter ({} tensors) to {}", peft_type(spec.method), tensors.size(), dir);
+}
+
+void save_adapter(const moe::CausalLM& model, const moe::AdapterSpec& spec, const std::string& dir,
+                  const std::string& base_model) {
+  std::vector<moe::NamedTensor> whole;
+  for (const moe::TrainableTensor& t : model.trainable_tensors()) {
+    MOLE_CHECK(!moe::is_expert_stack(t.role) || t.tensor.size(0) == t.num_experts, "save_adapter: '",
+               t.name, "' holds ", t.tensor.size(0), " of its ", t.num_experts,
+               " experts; gather the expert shards first (parallel::gather_trainable)");
+    whole.emplace_back(t.name, t.tensor);
+  }
+  save_adapter(whole, spec, dir, base_model);
 }
 
 void save_hf_model(moe::CausalLM& model, const std::string& dir) {

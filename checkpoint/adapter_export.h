@@ -4,17 +4,22 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "moe/adapter.h"
 #include "moe/llama.h"
 
 namespace mole::ckpt {
 
-// Writes the adapter of `model` described by `spec` into `dir` (created if missing). Plain LoRA
-// goes to PEFT's layout; mixlora / mola / dynmole / loramoe to MoE-PEFT's (peft_type MIXLORA,
-// MOLA, DYNMOLE, LORAMOE) and moelora to the same layout with peft_type MOELORA. Router settings
-// MoE-PEFT has no field for are kept under "mole_router" so that a reload is exact.
-// `base_model` is recorded as base_model_name_or_path.
+// Writes the adapter described by `spec` into `dir` (created if missing) from `tensors`: every
+// trainable tensor of the model, whole (all experts of every site), named and shaped as
+// CausalLM::trainable_parameters() names them. Plain LoRA goes to PEFT's layout; mixlora / mola /
+// dynmole / loramoe to MoE-PEFT's (peft_type MIXLORA, MOLA, DYNMOLE, LORAMOE) and moelora to the
+// same layout with peft_type MOELORA. Router settings MoE-PEFT has no field for are kept under
+// "mole_router" so that a reload is exact. `base_model` is recorded as base_model_name_or_path.
+void save_adapter(const std::vector<moe::NamedTensor>& tensors, const moe::AdapterSpec& spec,
+                  const std::string& dir, const std::string& base_model);
+// The same for a model that holds its whole adapter (one process, no expert sharding).
 void save_adapter(const moe::CausalLM& model, const moe::AdapterSpec& spec, const std::string& dir,
                   const std::string& base_model);
 

@@ -27,7 +27,7 @@ std::unique_ptr<moe::CausalLM> load_model(const std::string& dir, const at::Tens
                src.sizes(), " but the config implies ", param.sizes());
     MOLE_CHECK(at::isFloatingType(src.scalar_type()), "tensor '", name, "' in '", dir,
                "' has dtype ", src.scalar_type(), "; expected a floating-point weight");
-    param = src.to(options, /*non_blocking=*/false, /*copy=*/true);
+    model->base_weights().assign(name, src);
     used.insert(name);
   });
 

@@ -10,10 +10,11 @@
 
 #include "dist/backend.h"
 #include "dist/communicator.h"
-#include "dist/process_grid.h"
 #include "dist/runtime.h"
 #include "kernels/check.h"
 #include "launch/trainer.h"
+#include "parallel/parallel_dims.h"
+#include "parallel/process_grid.h"
 
 namespace mole::launch {
 
@@ -39,7 +40,7 @@ namespace {
 struct DistributedRun {
   std::unique_ptr<dist::MpiRuntime> runtime;
   std::shared_ptr<dist::Communicator> bootstrap;  // MPI world, kept for Gloo/NCCL
-  std::shared_ptr<dist::ProcessGrid> grid;
+  std::shared_ptr<parallel::ProcessGrid> grid;
 };
 
 // Collective over every rank: the world communicator, the config check, the grid.
@@ -59,15 +60,19 @@ void build_grid(DistributedRun& run, const Config& config) {
   MOLE_CHECK(low.item<int64_t>() == high.item<int64_t>(), "rank ", world->rank(),
              ": the resolved config differs between ranks (digests ", low.item<int64_t>(), " .. ",
              high.item<int64_t>(), "); start every rank with the same config file and --set options");
-  dist::ParallelDims dims{world->size(), static_cast<int>(config.parallel.ep)};
-  // Checked before any model is loaded; per-layer counts are checked again per site.
+  const parallel::ParallelSizes sizes{world->size(), static_cast<int>(config.parallel.ep),
+                                      static_cast<int>(config.parallel.zero),
+                                      static_cast<int>(config.parallel.base_shard)};
+  // Checked before any model is loaded (the same on every rank: the configs agree); per-layer
+  // counts are checked again per site.
+  const parallel::ParallelDims dims(sizes);
   const bool moe_method = config.adapter.method != "lora";
   const bool uniform = config.adapter.experts_list.empty() && config.adapter.experts_pattern.empty();
-  dims.validate(moe_method && uniform ? config.adapter.experts : 0);
-  run.grid = std::make_shared<dist::ProcessGrid>(dims, world);
+  if (moe_method && uniform) dims.check_experts(config.adapter.experts);
+  run.grid = std::make_shared<parallel::ProcessGrid>(sizes, world);
   if (world->rank() != 0) spdlog::set_level(spdlog::level::warn);
   spdlog::info("data parallel over {} ranks ({} backend){}", world->size(), world->backend(),
-               dims.ep > 1 ? ", expert parallel over groups of " + std::to_string(dims.ep) : "");
+               dims.ep() > 1 ? ", expert parallel over groups of " + std::to_string(dims.ep()) : "");
 }
 
 }  // namespace

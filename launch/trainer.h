@@ -1,7 +1,9 @@
-// `mole train`: builds the model, adapter, data and optimizer from a Config and runs the training
-// loop, logging on rank 0 and writing the adapter (and, for a synthetic base, the base model) into
-// the run folder at the end.
+// `mole train`: a run's parts built from a Config (run_parts.h), and the loop that drives them:
+// step, metrics on rank 0, evaluation, export; every part that a resume needs reports and
+// restores its state through TrainerState.
 #pragma once
+
+#include <ATen/core/Tensor.h>
 
 #include <memory>
 #include <string>
@@ -9,95 +11,66 @@
 
 #include "launch/config.h"
 #include "launch/data.h"
+#include "launch/evaluate.h"
+#include "launch/metrics_sink.h"
+#include "launch/run_parts.h"
+#include "launch/train_step.h"
 #include "moe/adapter.h"
 #include "moe/llama.h"
+#include "parallel/optimizer.h"
 
 namespace CLI {
 class App;
 }
 
-namespace mole::dist {
-class ProcessGrid;
-}
-
 namespace mole::launch {
 
-struct TrainSummary {
-  int64_t steps = 0;
-  int64_t skipped_steps = 0;
-  double first_loss = 0.0;  // LM loss of the first step
-  double last_loss = 0.0;   // mean LM loss of the last 10 steps (less noisy than one step)
-  double wall_s = 0.0;
-  double tokens_per_s = 0.0;  // target tokens per second over the whole run
-  double eval_loss = 0.0;     // last evaluation (NaN when none)
-  double eval_accuracy = 0.0;
-  std::string run_dir;
+// Everything a run needs to continue exactly where it was (one rank's share): the step counters,
+// the data loader's position, this rank's trainable tensors (registry names), the optimizer's
+// state and the forward generator's state.
+struct TrainerState {
+  StepCounters counters;
+  LoaderCursor loader;
+  std::vector<moe::NamedTensor> parameters;
+  parallel::OptimizerState optimizer;
+  at::Tensor forward_rng;
 };
 
-// What one optimizer step did.
-struct StepResult {
-  int64_t step = 0;        // 0-based index of the step
-  double loss = 0.0;       // LM loss (normalised by the global target-token count)
-  double aux_loss = 0.0;   // sum of the weighted auxiliary losses (mean over micro-batches)
-  double lr = 0.0;
-  double grad_norm = 0.0;  // before clipping
-  bool skipped = false;    // non-finite loss or gradient: no update
-  int64_t tokens = 0;      // real (non-padding) tokens processed
-  int64_t target_tokens = 0;
-};
-
-// The parts of a run, built from a Config, in the order the training step needs them.
 class Trainer {
  public:
   // `grid` is the process grid of a multi-rank run (mpirun); null for one process.
-  explicit Trainer(Config config, std::shared_ptr<dist::ProcessGrid> grid = nullptr);
+  explicit Trainer(Config config, std::shared_ptr<parallel::ProcessGrid> grid = nullptr);
   ~Trainer();
-  // Every step, logging, evaluation, and the adapter written at the end.
+  // The remaining steps, logging, evaluation, and the adapter written at the end.
   TrainSummary run();
-  // One optimizer step: accumulate_gradients() then apply_update(). Throws after
-  // train.max_bad_steps consecutive non-finite steps.
+  // One optimizer step: accumulate_gradients() then apply_update().
   StepResult step();
-  // Forward and backward over this rank's micro-batches of the next global batch, then (on
-  // several ranks) the gradients summed over the ranks: afterwards every rank's trainable tensors
-  // hold the gradient of the one global-batch loss, and the result reports that loss.
+  // See train_step.h.
   StepResult accumulate_gradients();
-  // Checks the gradients for non-finite values (skipping the update if any), clips, and updates.
   void apply_update(StepResult& result);
 
-  const Config& config() const { return config_; }
-  moe::CausalLM& model() { return *model_; }
-  const moe::AdapterSpec& adapter() const { return spec_; }
-  const Tokenizer& tokenizer() const { return *tokenizer_; }
-  int rank() const;
-  int world() const;
+  // Deep copies of the state a resume needs, and its restoration (same layout and config).
+  TrainerState state() const;
+  void load_state(const TrainerState& state);
+
+  const Config& config() const { return parts_.config; }
+  moe::CausalLM& model() { return *parts_.model; }
+  const moe::AdapterSpec& adapter() const { return parts_.spec; }
+  const Tokenizer& tokenizer() const { return *parts_.tokenizer; }
+  const RunParts& parts() const { return parts_; }
+  int rank() const { return parts_.rank(); }
+  int world() const { return parts_.world(); }
 
  private:
-  struct Impl;
-  // Chooses each site's dispatch mode, logs it, and keeps this rank's experts.
-  void setup_expert_parallel();
+  // Evaluation on the held-out set; every rank of an EP group takes part (same examples).
+  void evaluate_and_log(MetricsSink& sink, int64_t step);
+  // Collective: the whole adapter gathered from the expert shards; rank 0 writes it (and a
+  // synthetic base) into the run folder. The live model is not touched.
+  void export_adapter();
 
-  Config config_;
-  std::shared_ptr<dist::ProcessGrid> grid_;
-  std::unique_ptr<Tokenizer> tokenizer_;
-  std::unique_ptr<moe::CausalLM> model_;
-  moe::AdapterSpec spec_;
-  std::unique_ptr<Impl> impl_;
+  RunParts parts_;
+  StepCounters counters_;
 };
-
-// Loss and next-token accuracy on response tokens (labels != -100) of `examples`.
-struct EvalResult {
-  double loss = 0.0;
-  double accuracy = 0.0;
-  int64_t tokens = 0;
-};
-// With a dispatcher (expert parallelism) the call is collective over its EP group.
-EvalResult evaluate(const moe::CausalLM& model, const std::vector<Example>& examples,
-                    int64_t micro_batch, int64_t pad_id,
-                    const moe::Dispatcher* dispatcher = nullptr);
-
-// The built-in synthetic base: a small LLaMA-architecture model with `vocab` entries, weights
-// drawn deterministically from `seed`.
-moe::ModelConfig synthetic_tiny_config(int64_t vocab);
 
 struct TrainOptions {
   std::string config_path;

@@ -19,13 +19,6 @@ ExpertLora keep_shard(const ExpertLora& full, const ExpertShard& shard, const st
   return full.slice(shard.first, shard.count);
 }
 
-ExpertLora gather_full(const ExpertLora& held, const std::vector<at::Tensor>& full) {
-  ExpertLora out = held.with_stacks(full[0].detach().clone(), full[1].detach().clone(), 0);
-  out.a_ErI.requires_grad_(true);
-  out.b_EOr.requires_grad_(true);
-  return out;
-}
-
 }  // namespace
 
 MoeSiteInfo site_info(const FfnMoeSite& site) {
@@ -54,70 +47,24 @@ MoeSiteInfo site_info(const LinearMoeSite& site) {
 
 std::vector<MoeSiteInfo> moe_sites(const CausalLM& model) {
   std::vector<MoeSiteInfo> out;
-  for (int64_t i = 0; i < model.num_layers(); ++i) {
-    const DecoderLayer& layer = model.layer(i);
-    if (layer.ffn_site) out.push_back(site_info(*layer.ffn_site));
-    for (const auto& [linear, site] : layer.linear_sites) out.push_back(site_info(*site));
-  }
+  model.for_each_site([&out](const SiteRef& site) {
+    out.push_back(site.ffn ? site_info(*site.ffn) : site_info(*site.linear));
+  });
   return out;
 }
 
 void shard_experts(CausalLM& model, const Dispatcher& dispatcher) {
-  for (int64_t i = 0; i < model.num_layers(); ++i) {
-    DecoderLayer& layer = model.layer(i);
-    if (layer.ffn_site) {
-      FfnMoeSite& s = *layer.ffn_site;
+  model.for_each_site([&dispatcher](const SiteRef& site) {
+    if (site.ffn) {
+      FfnMoeSite& s = *site.ffn;
       const ExpertShard shard = dispatcher.shard(s.num_experts());
       s.set_experts(keep_shard(s.gate(), shard, s.name()), keep_shard(s.up(), shard, s.name()),
                     keep_shard(s.down(), shard, s.name()));
+    } else {
+      LinearMoeSite& s = *site.linear;
+      s.set_experts(keep_shard(s.experts(), dispatcher.shard(s.num_experts()), s.name()));
     }
-    for (auto& [linear, site] : layer.linear_sites) {
-      const ExpertShard shard = dispatcher.shard(site->num_experts());
-      site->set_experts(keep_shard(site->experts(), shard, site->name()));
-    }
-  }
-}
-
-void unshard_experts(CausalLM& model, const Dispatcher& dispatcher) {
-  at::NoGradGuard no_grad;
-  for (int64_t i = 0; i < model.num_layers(); ++i) {
-    DecoderLayer& layer = model.layer(i);
-    if (layer.ffn_site) {
-      FfnMoeSite& s = *layer.ffn_site;
-      if (s.gate().holds_all(s.num_experts())) continue;  // replicated site
-      std::vector<at::Tensor> full = dispatcher.gather_experts(
-          {s.gate().a_ErI, s.gate().b_EOr, s.up().a_ErI, s.up().b_EOr, s.down().a_ErI,
-           s.down().b_EOr},
-          s.num_experts());
-      s.set_experts(gather_full(s.gate(), {full[0], full[1]}),
-                    gather_full(s.up(), {full[2], full[3]}),
-                    gather_full(s.down(), {full[4], full[5]}));
-    }
-    for (auto& [linear, site] : layer.linear_sites) {
-      if (site->experts().holds_all(site->num_experts())) continue;
-      std::vector<at::Tensor> full = dispatcher.gather_experts(
-          {site->experts().a_ErI, site->experts().b_EOr}, site->num_experts());
-      site->set_experts(gather_full(site->experts(), full));
-    }
-  }
-}
-
-std::vector<at::Tensor> sharded_expert_tensors(const CausalLM& model) {
-  std::vector<at::Tensor> out;
-  auto add = [&out](const ExpertLora& lora, int64_t total) {
-    if (lora.holds_all(total)) return;
-    out.push_back(lora.a_ErI);
-    out.push_back(lora.b_EOr);
-  };
-  for (int64_t i = 0; i < model.num_layers(); ++i) {
-    const DecoderLayer& layer = model.layer(i);
-    if (layer.ffn_site) {
-      const FfnMoeSite& s = *layer.ffn_site;
-      for (const ExpertLora* lora : {&s.gate(), &s.up(), &s.down()}) add(*lora, s.num_experts());
-    }
-    for (const auto& [linear, site] : layer.linear_sites) add(site->experts(), site->num_experts());
-  }
-  return out;
+  });
 }
 
 }  // namespace mole::moe

@@ -1,6 +1,7 @@
 // Expert sharding of a model's MoE sites for expert parallelism (DESIGN.md §4): the sites and
-// their shapes, keeping only the experts a Dispatcher places on this rank, naming the tensors that
-// hold a shard, and gathering the full stacks back (before an adapter is written).
+// their shapes, and keeping only the experts a Dispatcher places on this rank. (Which tensors hold
+// a shard, and gathering the full stacks for export, is the parameter registry's business:
+// parallel/parameter_registry.h.)
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -33,10 +34,5 @@ std::vector<MoeSiteInfo> moe_sites(const CausalLM& model);  // in layer order
 // Replaces every site's full expert stacks by the shard `dispatcher.shard(E)` places here (new
 // trainable leaves; the full stacks are dropped). Build the optimizer afterwards.
 void shard_experts(CausalLM& model, const Dispatcher& dispatcher);
-// The inverse: every site gets its full stacks again, gathered from the expert-parallel group
-// (no gradient). Collective over that group; every rank calls it at the same point.
-void unshard_experts(CausalLM& model, const Dispatcher& dispatcher);
-// The expert tensors of sites whose stack holds only part of their experts.
-std::vector<at::Tensor> sharded_expert_tensors(const CausalLM& model);
 
 }  // namespace mole::moe

@@ -38,40 +38,50 @@ LoraLinear& DecoderLayer::linear(const std::string& name) {
 
 namespace {
 
-LoraLinear make_linear(int64_t out, int64_t in, bool bias, const at::TensorOptions& options) {
-  return LoraLinear(at::empty({out, in}, options), bias ? at::empty({out}, options) : at::Tensor());
-}
-
 std::string short_name(const std::string& linear_name) {
   return linear_name.substr(linear_name.find('.') + 1);
 }
 
 }  // namespace
 
-CausalLM::CausalLM(ModelConfig config, const at::TensorOptions& options)
-    : config_(std::move(config)), options_(options) {
+CausalLM::CausalLM(ModelConfig config, const at::TensorOptions& options,
+                   std::shared_ptr<BaseWeights> weights)
+    : config_(std::move(config)),
+      options_(options),
+      weights_(weights ? std::move(weights) : std::make_shared<LocalBaseWeights>()) {
   config_.validate();
   const ModelConfig& c = config_;
   const int64_t q_dim = c.num_heads * c.head_dim;
   const int64_t kv_dim = c.num_kv_heads * c.head_dim;
+  const int64_t D = c.hidden_size, F = c.intermediate_size;
+  BaseWeights& w = *weights_;
   // The fp64 exactness mode computes its RoPE tables in float64 too.
   const at::ScalarType rope_dtype = options.dtype() == at::kDouble ? at::kDouble : at::kFloat;
   inv_freq_ = rope_inv_freq(c.rope, c.head_dim, rope_dtype).to(options.device());
-  embed_VD_ = at::empty({c.vocab_size, c.hidden_size}, options);
+  embed_VD_ = w.declare("model.embed_tokens.weight", -1, {c.vocab_size, D}, options);
   layers_.resize(static_cast<size_t>(c.num_layers));
-  for (DecoderLayer& layer : layers_) {
-    layer.input_norm = RmsNorm(at::empty({c.hidden_size}, options), c.rms_norm_eps);
-    layer.post_attention_norm = RmsNorm(at::empty({c.hidden_size}, options), c.rms_norm_eps);
-    layer.q_proj = make_linear(q_dim, c.hidden_size, c.qkv_bias, options);
-    layer.k_proj = make_linear(kv_dim, c.hidden_size, c.qkv_bias, options);
-    layer.v_proj = make_linear(kv_dim, c.hidden_size, c.qkv_bias, options);
-    layer.o_proj = make_linear(c.hidden_size, q_dim, c.o_bias, options);
-    layer.gate_proj = make_linear(c.intermediate_size, c.hidden_size, c.mlp_bias, options);
-    layer.up_proj = make_linear(c.intermediate_size, c.hidden_size, c.mlp_bias, options);
-    layer.down_proj = make_linear(c.hidden_size, c.intermediate_size, c.mlp_bias, options);
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    DecoderLayer& layer = layers_[static_cast<size_t>(i)];
+    const std::string prefix = "model.layers." + std::to_string(i) + ".";
+    auto norm = [&](const std::string& name) {
+      return RmsNorm(w.declare(prefix + name + ".weight", i, {D}, options), c.rms_norm_eps);
+    };
+    auto linear = [&](const std::string& name, int64_t out, int64_t in, bool bias) {
+      return LoraLinear(w.declare(prefix + name + ".weight", i, {out, in}, options),
+                        bias ? w.declare(prefix + name + ".bias", i, {out}, options) : at::Tensor());
+    };
+    layer.input_norm = norm("input_layernorm");
+    layer.post_attention_norm = norm("post_attention_layernorm");
+    layer.q_proj = linear("self_attn.q_proj", q_dim, D, c.qkv_bias);
+    layer.k_proj = linear("self_attn.k_proj", kv_dim, D, c.qkv_bias);
+    layer.v_proj = linear("self_attn.v_proj", kv_dim, D, c.qkv_bias);
+    layer.o_proj = linear("self_attn.o_proj", D, q_dim, c.o_bias);
+    layer.gate_proj = linear("mlp.gate_proj", F, D, c.mlp_bias);
+    layer.up_proj = linear("mlp.up_proj", F, D, c.mlp_bias);
+    layer.down_proj = linear("mlp.down_proj", D, F, c.mlp_bias);
   }
-  final_norm_ = RmsNorm(at::empty({c.hidden_size}, options), c.rms_norm_eps);
-  if (!c.tie_word_embeddings) lm_head_VD_ = at::empty({c.vocab_size, c.hidden_size}, options);
+  final_norm_ = RmsNorm(w.declare("model.norm.weight", -1, {D}, options), c.rms_norm_eps);
+  if (!c.tie_word_embeddings) lm_head_VD_ = w.declare("lm_head.weight", -1, {c.vocab_size, D}, options);
 }
 
 void CausalLM::for_each_base_parameter(
@@ -94,42 +104,61 @@ void CausalLM::for_each_base_parameter(
 
 std::vector<NamedTensor> CausalLM::lora_parameters() const {
   std::vector<NamedTensor> out;
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    const DecoderLayer& layer = layers_[i];
-    const std::string prefix = "model.layers." + std::to_string(i) + ".";
-    for (const std::string& name : linear_names()) {
-      const auto& lora = layer.linear(name).lora();
-      if (!lora) continue;
-      out.emplace_back(prefix + name + ".lora_A.weight", lora->a_rI);
-      out.emplace_back(prefix + name + ".lora_B.weight", lora->b_Or);
-    }
+  for (const TrainableTensor& t : trainable_tensors()) {
+    if (t.role == TensorRole::kLoraA || t.role == TensorRole::kLoraB) out.emplace_back(t.name, t.tensor);
   }
   return out;
 }
 
-std::vector<NamedTensor> CausalLM::trainable_parameters() const {
-  std::vector<NamedTensor> out = lora_parameters();
-  auto add_experts = [&out](const std::string& prefix, const ExpertLora& lora) {
-    out.emplace_back(prefix + ".experts.lora_A", lora.a_ErI);
-    out.emplace_back(prefix + ".experts.lora_B", lora.b_EOr);
-  };
+void CausalLM::for_each_site(const std::function<void(const SiteRef&)>& fn) const {
   for (size_t i = 0; i < layers_.size(); ++i) {
     const DecoderLayer& layer = layers_[i];
-    const std::string prefix = "model.layers." + std::to_string(i) + ".";
-    if (layer.ffn_site) {
-      const FfnMoeSite& site = *layer.ffn_site;
-      out.emplace_back(prefix + "mlp.moe_gate.weight", site.router_weight());
-      add_experts(prefix + "mlp.gate_proj", site.gate());
-      add_experts(prefix + "mlp.up_proj", site.up());
-      add_experts(prefix + "mlp.down_proj", site.down());
-    }
+    const int64_t index = static_cast<int64_t>(i);
+    if (layer.ffn_site) fn(SiteRef{index, layer.ffn_site.get(), nullptr, ""});
     for (const std::string& name : linear_names()) {
       auto it = layer.linear_sites.find(name);
-      if (it == layer.linear_sites.end()) continue;
-      out.emplace_back(prefix + name + ".moe_gate.weight", it->second->router_weight());
-      add_experts(prefix + name, it->second->experts());
+      if (it != layer.linear_sites.end()) fn(SiteRef{index, nullptr, it->second.get(), name});
     }
   }
+}
+
+std::vector<TrainableTensor> CausalLM::trainable_tensors() const {
+  std::vector<TrainableTensor> out;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const std::string prefix = "model.layers." + std::to_string(i) + ".";
+    for (const std::string& name : linear_names()) {
+      const auto& lora = layers_[i].linear(name).lora();
+      if (!lora) continue;
+      out.push_back({prefix + name + ".lora_A.weight", lora->a_rI, TensorRole::kLoraA});
+      out.push_back({prefix + name + ".lora_B.weight", lora->b_Or, TensorRole::kLoraB});
+    }
+  }
+  for_each_site([&out](const SiteRef& site) {
+    const std::string prefix = "model.layers." + std::to_string(site.layer) + ".";
+    auto add_experts = [&out](const std::string& linear, const ExpertLora& lora, int64_t total) {
+      out.push_back({linear + ".experts.lora_A", lora.a_ErI, TensorRole::kExpertLoraA, total,
+                     lora.first_expert});
+      out.push_back({linear + ".experts.lora_B", lora.b_EOr, TensorRole::kExpertLoraB, total,
+                     lora.first_expert});
+    };
+    if (site.ffn) {
+      const FfnMoeSite& s = *site.ffn;
+      out.push_back({prefix + "mlp.moe_gate.weight", s.router_weight(), TensorRole::kRouter});
+      add_experts(prefix + "mlp.gate_proj", s.gate(), s.num_experts());
+      add_experts(prefix + "mlp.up_proj", s.up(), s.num_experts());
+      add_experts(prefix + "mlp.down_proj", s.down(), s.num_experts());
+    } else {
+      const LinearMoeSite& s = *site.linear;
+      out.push_back({prefix + site.linear_name + ".moe_gate.weight", s.router_weight(), TensorRole::kRouter});
+      add_experts(prefix + site.linear_name, s.experts(), s.num_experts());
+    }
+  });
+  return out;
+}
+
+std::vector<NamedTensor> CausalLM::trainable_parameters() const {
+  std::vector<NamedTensor> out;
+  for (const TrainableTensor& t : trainable_tensors()) out.emplace_back(t.name, t.tensor);
   return out;
 }
 
@@ -145,7 +174,7 @@ void CausalLM::init_base_random(const at::Generator& gen) {
     else if (is_bias) value.zero_();
     else if (name == "model.embed_tokens.weight") value.normal_(0.0, 1.0, gen);
     else value.normal_(0.0, 1.0 / std::sqrt(static_cast<double>(param.size(-1))), gen);
-    param = value.to(param.options());
+    weights_->assign(name, value);
   });
 }
 
@@ -199,7 +228,7 @@ void check_tokens(const at::Tensor& input_ids_BS, const at::Tensor& labels_BS, i
 
 at::Tensor CausalLM::project(const DecoderLayer& layer, const std::string& name,
                             const at::Tensor& x_BSI, ForwardContext& ctx) const {
-  at::Tensor y = layer.linear(name).forward(x_BSI, ctx.training);
+  at::Tensor y = layer.linear(name).forward(x_BSI, ctx.training, ctx.generator);
   auto site = layer.linear_sites.find(name);
   if (site == layer.linear_sites.end()) return y;
   at::Tensor x_TI = x_BSI.reshape({-1, x_BSI.size(-1)});
@@ -257,13 +286,29 @@ at::Tensor CausalLM::forward(const at::Tensor& input_ids_BS, ForwardContext& ctx
     at::Tensor diff = pos.unsqueeze(1) - pos.unsqueeze(0);  // query - key
     mask_SS = (diff >= 0).logical_and(diff < *config_.sliding_window);
   }
+  weights_->acquire(-1);
   at::Tensor h_BSD = at::embedding(embed_VD_, ids);
-  for (const DecoderLayer& layer : layers_) {
-    h_BSD = h_BSD + attention(layer, layer.input_norm.forward(h_BSD), rope, mask_SS, ctx);
-    h_BSD = h_BSD + mlp(layer, layer.post_attention_norm.forward(h_BSD), ctx);
+  const LayerInputs inputs{rope, mask_SS};
+  for (int64_t i = 0; i < num_layers(); ++i) {
+    const LayerBody body = [this, i, &inputs, &ctx](const at::Tensor& h) {
+      return forward_layer(i, h, inputs, ctx);
+    };
+    h_BSD = ctx.layer_runner ? ctx.layer_runner->run(i, h_BSD, body) : body(h_BSD);
   }
   h_BSD = final_norm_.forward(h_BSD);
-  return at::linear(h_BSD, lm_head_VD_.defined() ? lm_head_VD_ : embed_VD_);
+  at::Tensor logits = at::linear(h_BSD, lm_head_VD_.defined() ? lm_head_VD_ : embed_VD_);
+  weights_->release(-1);
+  return logits;
+}
+
+at::Tensor CausalLM::forward_layer(int64_t i, const at::Tensor& h_BSD, const LayerInputs& inputs,
+                                   ForwardContext& ctx) const {
+  const DecoderLayer& layer = layers_.at(static_cast<size_t>(i));
+  weights_->acquire(i);
+  at::Tensor h = h_BSD + attention(layer, layer.input_norm.forward(h_BSD), inputs.rope, inputs.mask_SS, ctx);
+  h = h + mlp(layer, layer.post_attention_norm.forward(h), ctx);
+  weights_->release(i);
+  return h;
 }
 
 LossSum causal_lm_loss_sum(const at::Tensor& logits_BSV, const at::Tensor& labels_BS) {

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "moe/base_weights.h"
 #include "moe/forward_context.h"
 #include "moe/lora_linear.h"
 #include "moe/model_config.h"
@@ -23,6 +24,25 @@
 namespace mole::moe {
 
 using NamedTensor = std::pair<std::string, at::Tensor>;
+
+// What a trainable tensor is, as the model knows it (the parallel layer derives replica groups
+// and optimizer settings from this, once).
+enum class TensorRole { kLoraA, kLoraB, kRouter, kExpertLoraA, kExpertLoraB };
+inline bool is_expert_stack(TensorRole role) {
+  return role == TensorRole::kExpertLoraA || role == TensorRole::kExpertLoraB;
+}
+inline bool is_lora_b(TensorRole role) {
+  return role == TensorRole::kLoraB || role == TensorRole::kExpertLoraB;
+}
+
+struct TrainableTensor {
+  std::string name;  // see CausalLM::trainable_parameters()
+  at::Tensor tensor;
+  TensorRole role = TensorRole::kLoraA;
+  // Expert stacks: the site's expert count and the global id of the first expert held here.
+  int64_t num_experts = 0;
+  int64_t first_expert = 0;
+};
 
 class RmsNorm {
  public:
@@ -61,10 +81,21 @@ struct DecoderLayer {
   const LoraLinear& linear(const std::string& name) const;
 };
 
+// One MoE site of a model: an FFN-block site (`ffn`) or a per-linear site (`linear` on the
+// layer's linear `linear_name`).
+struct SiteRef {
+  int64_t layer = 0;
+  FfnMoeSite* ffn = nullptr;
+  LinearMoeSite* linear = nullptr;
+  std::string linear_name;  // e.g. "self_attn.q_proj"; empty for an FFN-block site
+};
+
 class CausalLM {
  public:
-  // Allocates (uninitialised) frozen weights of `config` with `options` (dtype, device).
-  CausalLM(ModelConfig config, const at::TensorOptions& options);
+  // Declares the (uninitialised) frozen weights of `config` with `options` (dtype, device) in
+  // `weights` (null: a LocalBaseWeights holding every tensor whole).
+  CausalLM(ModelConfig config, const at::TensorOptions& options,
+           std::shared_ptr<BaseWeights> weights = nullptr);
 
   const ModelConfig& config() const { return config_; }
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
@@ -78,7 +109,18 @@ class CausalLM {
   // Evaluation-mode forward without router records.
   at::Tensor forward(const at::Tensor& input_ids_BS) const;
 
-  // Every frozen base tensor with its Hugging Face name (`lm_head.weight` only when untied).
+  // What every decoder layer of one forward pass shares.
+  struct LayerInputs {
+    RopeTables rope;
+    at::Tensor mask_SS;  // undefined: plain causal attention
+  };
+  // Decoder layer `i` as a unit: h_BSD -> h_BSD, its frozen weights acquired from the base
+  // weights for the call. Re-running it (activation checkpointing) records its sites once.
+  at::Tensor forward_layer(int64_t i, const at::Tensor& h_BSD, const LayerInputs& inputs,
+                           ForwardContext& ctx) const;
+
+  // Every frozen base tensor with its Hugging Face name (`lm_head.weight` only when untied): the
+  // handles the model reads (BaseWeights::assign sets them).
   void for_each_base_parameter(const std::function<void(const std::string&, at::Tensor&)>& fn);
   // Every plain LoRA tensor, named as PEFT does without the `base_model.model.` prefix, e.g.
   // `model.layers.0.self_attn.q_proj.lora_A.weight`.
@@ -87,6 +129,12 @@ class CausalLM {
   // `model.layers.0.mlp.moe_gate.weight`, `model.layers.0.mlp.gate_proj.experts.lora_A` [E,r,I],
   // `model.layers.0.self_attn.q_proj.moe_gate.weight`, ...
   std::vector<NamedTensor> trainable_parameters() const;
+  // The same tensors, in the same order, with their roles.
+  std::vector<TrainableTensor> trainable_tensors() const;
+  // Every MoE site, layer by layer: the FFN-block site first, then per-linear sites in
+  // linear_names() order.
+  void for_each_site(const std::function<void(const SiteRef&)>& fn) const;
+  BaseWeights& base_weights() const { return *weights_; }
 
   // Fills the frozen base deterministically from `gen` (synthetic models and benchmarks):
   // embeddings N(0, 1), linear weights and the LM head N(0, 1/in_features) so activations and
@@ -111,6 +159,7 @@ class CausalLM {
 
   ModelConfig config_;
   at::TensorOptions options_;
+  std::shared_ptr<BaseWeights> weights_;
   at::Tensor inv_freq_;  // [d/2], float32 (float64 for a float64 model)
   at::Tensor embed_VD_;
   std::vector<DecoderLayer> layers_;

@@ -7,6 +7,7 @@
 
 #include "kernels/check.h"
 #include "moe/precision.h"
+#include "moe/random.h"
 
 namespace mole::moe {
 
@@ -26,17 +27,21 @@ at::Tensor LoraLinear::forward_base(const at::Tensor& x_NI) const {
   return at::linear(x_NI, weight_OI_, bias_O_);
 }
 
-at::Tensor LoraLinear::lora_delta(const at::Tensor& x_NI, bool training) const {
+at::Tensor LoraLinear::lora_delta(const at::Tensor& x_NI, bool training,
+                                  const std::optional<at::Generator>& gen) const {
   const LoraWeights& lora = *lora_;
   at::Tensor x = x_NI.to(lora.a_rI.scalar_type());
-  if (training && lora.dropout > 0.0) x = at::dropout(x, lora.dropout, /*train=*/true);
+  if (training && lora.dropout > 0.0) {
+    x = dropout(x, lora.dropout, require_generator(gen, "LoRA dropout"));
+  }
   return at::linear(at::linear(x, lora.a_rI), lora.b_Or).mul(lora.scale);
 }
 
-at::Tensor LoraLinear::forward(const at::Tensor& x_NI, bool training) const {
+at::Tensor LoraLinear::forward(const at::Tensor& x_NI, bool training,
+                               const std::optional<at::Generator>& gen) const {
   at::Tensor y = forward_base(x_NI);
   if (!lora_) return y;
-  return y + lora_delta(x_NI, training).to(y.scalar_type());
+  return y + lora_delta(x_NI, training, gen).to(y.scalar_type());
 }
 
 void LoraLinear::init_lora(const LoraOptions& options, const at::Generator& gen) {

@@ -40,12 +40,15 @@ class LoraLinear {
   int64_t in_features() const { return weight_OI_.size(1); }
   int64_t out_features() const { return weight_OI_.size(0); }
 
-  // x_NI -> y_NO. `training` enables dropout on the LoRA input.
-  at::Tensor forward(const at::Tensor& x_NI, bool training) const;
+  // x_NI -> y_NO. `training` enables dropout on the LoRA input, drawn from `gen` (required then,
+  // when the dropout is not zero).
+  at::Tensor forward(const at::Tensor& x_NI, bool training,
+                     const std::optional<at::Generator>& gen = std::nullopt) const;
   // Only the base part W x + b (no LoRA).
   at::Tensor forward_base(const at::Tensor& x_NI) const;
   // Only the LoRA delta scale * B A dropout(x), in float32.
-  at::Tensor lora_delta(const at::Tensor& x_NI, bool training) const;
+  at::Tensor lora_delta(const at::Tensor& x_NI, bool training,
+                        const std::optional<at::Generator>& gen = std::nullopt) const;
 
   // A kaiming-uniform (PEFT's default: bound 1/sqrt(in)), B zero; drawn from `gen`.
   void init_lora(const LoraOptions& options, const at::Generator& gen);

@@ -9,6 +9,7 @@
 #include "kernels/grouped_lora.h"
 #include "kernels/permute.h"
 #include "moe/aux_losses.h"
+#include "moe/random.h"
 
 namespace mole::moe {
 namespace {
@@ -17,17 +18,25 @@ at::Tensor trainable_copy(const at::Tensor& t, const at::TensorOptions& options)
   return t.detach().to(options, false, true).requires_grad_(true);
 }
 
+// The random draws of a site's forward: dropout only in training, from the pass's generator.
+struct Draws {
+  bool training = false;
+  const std::optional<at::Generator>* generator = nullptr;
+};
+Draws draws(const ForwardContext& ctx) { return {ctx.training, &ctx.generator}; }
+
 // Dropout on the LoRA input of every routed row (each (token, expert) pair draws its own mask,
 // as calling each expert separately would).
-at::Tensor lora_input(const at::Tensor& rows, at::ScalarType dtype, double dropout, bool training) {
+at::Tensor lora_input(const at::Tensor& rows, at::ScalarType dtype, double p, const Draws& d) {
   at::Tensor x = rows.to(dtype);
-  return training && dropout > 0.0 ? at::dropout(x, dropout, /*train=*/true) : x;
+  if (!d.training || p == 0.0) return x;
+  return dropout(x, p, require_generator(*d.generator, "expert LoRA dropout"));
 }
 
 // rows_NI grouped by expert with `counts` rows for each expert of `lora`'s stack.
 at::Tensor expert_delta(const at::Tensor& rows_NI, const ExpertLora& lora,
-                        const std::vector<int64_t>& counts, bool training) {
-  return kernels::grouped_lora(lora_input(rows_NI, lora.a_ErI.scalar_type(), lora.dropout, training),
+                        const std::vector<int64_t>& counts, const Draws& d) {
+  return kernels::grouped_lora(lora_input(rows_NI, lora.a_ErI.scalar_type(), lora.dropout, d),
                                lora.a_ErI, lora.b_EOr, counts, lora.scale);
 }
 
@@ -137,12 +146,12 @@ at::Tensor FfnMoeSite::forward(const at::Tensor& x_TD, const LoraLinear& gate, c
   const DispatchMode mode = site_mode(ctx, name_, gate_, num_experts());
   RouterOutput routed = run_router(x_TD, router_ED_, router_, ctx);
   const Routing& r = routed.routing;
-  ctx.sites.push_back({name_, router_stats(routed, ctx.valid_T, router_.entropy_q), {}});
+  ctx.record({name_, router_stats(routed, ctx.valid_T, router_.entropy_q), {}});
   kernels::PermutePlan plan =
       kernels::make_permute_plan(r.token_N, r.expert_N, x_TD.size(0), num_experts());
   switch (mode) {
     case DispatchMode::kTokens:
-      return forward_tokens(x_TD, plan, r.weight_N, gate, up, down, *ctx.dispatcher, ctx.training);
+      return forward_tokens(x_TD, plan, r.weight_N, gate, up, down, *ctx.dispatcher, ctx);
     case DispatchMode::kWeights: {
       std::vector<at::Tensor> all = ctx.dispatcher->gather_experts(
           {gate_.a_ErI, gate_.b_EOr, up_.a_ErI, up_.b_EOr, down_.a_ErI, down_.b_EOr},
@@ -150,49 +159,49 @@ at::Tensor FfnMoeSite::forward(const at::Tensor& x_TD, const LoraLinear& gate, c
       return forward_shared_base(x_TD, plan, r.weight_N, gate_.with_stacks(all[0], all[1], 0),
                                  up_.with_stacks(all[2], all[3], 0),
                                  down_.with_stacks(all[4], all[5], 0), gate, up, down,
-                                 ctx.training);
+                                 ctx);
     }
     case DispatchMode::kLocal:
       break;
   }
   return forward_shared_base(x_TD, plan, r.weight_N, gate_, up_, down_, gate, up, down,
-                             ctx.training);
+                             ctx);
 }
 
 at::Tensor FfnMoeSite::forward_shared_base(const at::Tensor& x_TD, const kernels::PermutePlan& plan,
                                            const at::Tensor& weight_N, const ExpertLora& gate_lora,
                                            const ExpertLora& up_lora, const ExpertLora& down_lora,
                                            const LoraLinear& gate, const LoraLinear& up,
-                                           const LoraLinear& down, bool training) const {
+                                           const LoraLinear& down, const ForwardContext& ctx) const {
   // Frozen gate and up projections once per token, then gathered per routed pair.
   at::Tensor base_gate_NF = kernels::permute_rows(gate.forward_base(x_TD), plan);
   at::Tensor base_up_NF = kernels::permute_rows(up.forward_base(x_TD), plan);
   at::Tensor x_ND = kernels::permute_rows(x_TD, plan);
   const at::ScalarType dtype = x_TD.scalar_type();
-  at::Tensor gate_NF = base_gate_NF + expert_delta(x_ND, gate_lora, plan.counts, training).to(dtype);
-  at::Tensor up_NF = base_up_NF + expert_delta(x_ND, up_lora, plan.counts, training).to(dtype);
+  at::Tensor gate_NF = base_gate_NF + expert_delta(x_ND, gate_lora, plan.counts, draws(ctx)).to(dtype);
+  at::Tensor up_NF = base_up_NF + expert_delta(x_ND, up_lora, plan.counts, draws(ctx)).to(dtype);
   at::Tensor h_NF = at::silu(gate_NF) * up_NF;
 
   // y = sum_e w_e (W_d h_e + s B_e A_e h_e) = W_d (sum_e w_e h_e) + sum_e w_e s B_e A_e h_e:
   // the frozen down projection runs once per token.
   at::Tensor h_TF = kernels::unpermute_combine(h_NF, plan, weight_N);
   at::Tensor lora_down_TD = kernels::unpermute_combine(
-      expert_delta(h_NF, down_lora, plan.counts, training), plan, weight_N);
+      expert_delta(h_NF, down_lora, plan.counts, draws(ctx)), plan, weight_N);
   return down.forward_base(h_TF) + lora_down_TD.to(dtype);
 }
 
 at::Tensor FfnMoeSite::forward_tokens(const at::Tensor& x_TD, const kernels::PermutePlan& plan,
                                       const at::Tensor& weight_N, const LoraLinear& gate,
                                       const LoraLinear& up, const LoraLinear& down,
-                                      const Dispatcher& dispatcher, bool training) const {
+                                      const Dispatcher& dispatcher, const ForwardContext& ctx) const {
   Dispatched in = dispatcher.dispatch(x_TD, plan);
   const at::Tensor& x_RD = in.rows_RD;
   const at::ScalarType dtype = x_TD.scalar_type();
   // The whole expert FFN per received row: the frozen projections run once per routed pair.
-  at::Tensor gate_RF = gate.forward_base(x_RD) + expert_delta(x_RD, gate_, in.counts(), training).to(dtype);
-  at::Tensor up_RF = up.forward_base(x_RD) + expert_delta(x_RD, up_, in.counts(), training).to(dtype);
+  at::Tensor gate_RF = gate.forward_base(x_RD) + expert_delta(x_RD, gate_, in.counts(), draws(ctx)).to(dtype);
+  at::Tensor up_RF = up.forward_base(x_RD) + expert_delta(x_RD, up_, in.counts(), draws(ctx)).to(dtype);
   at::Tensor h_RF = at::silu(gate_RF) * up_RF;
-  at::Tensor y_RD = down.forward_base(h_RF) + expert_delta(h_RF, down_, in.counts(), training).to(dtype);
+  at::Tensor y_RD = down.forward_base(h_RF) + expert_delta(h_RF, down_, in.counts(), draws(ctx)).to(dtype);
   return dispatcher.combine(y_RD, *in.handle, weight_N);
 }
 
@@ -222,7 +231,7 @@ at::Tensor LinearMoeSite::delta(const at::Tensor& x_TI, ForwardContext& ctx) con
   if (mode == DispatchMode::kTokens) {
     Dispatched in = ctx.dispatcher->dispatch(x_TI, plan);
     rows_NO = ctx.dispatcher->return_rows(
-        expert_delta(in.rows_RD, experts_, in.counts(), ctx.training), *in.handle);
+        expert_delta(in.rows_RD, experts_, in.counts(), draws(ctx)), *in.handle);
   } else {
     ExpertLora experts = experts_;
     if (mode == DispatchMode::kWeights) {
@@ -230,7 +239,7 @@ at::Tensor LinearMoeSite::delta(const at::Tensor& x_TI, ForwardContext& ctx) con
           ctx.dispatcher->gather_experts({experts_.a_ErI, experts_.b_EOr}, num_experts());
       experts = experts_.with_stacks(all[0], all[1], 0);
     }
-    rows_NO = expert_delta(kernels::permute_rows(x_TI, plan), experts, plan.counts, ctx.training);
+    rows_NO = expert_delta(kernels::permute_rows(x_TI, plan), experts, plan.counts, draws(ctx));
   }
   if (contrastive_.coef > 0.0 && ctx.training) {
     // A bounded, evenly strided sample of the expert outputs (sorted by expert).
@@ -245,7 +254,7 @@ at::Tensor LinearMoeSite::delta(const at::Tensor& x_TI, ForwardContext& ctx) con
                                           expert_sorted.index_select(0, pick.to(expert_sorted.device())),
                                           contrastive_.temperature);
   }
-  ctx.sites.push_back(std::move(record));
+  ctx.record(std::move(record));
   return kernels::unpermute_combine(rows_NO, plan, r.weight_N);
 }
 

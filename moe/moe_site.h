@@ -82,13 +82,13 @@ class FfnMoeSite {
                                  const at::Tensor& weight_N, const ExpertLora& gate_lora,
                                  const ExpertLora& up_lora, const ExpertLora& down_lora,
                                  const LoraLinear& gate, const LoraLinear& up,
-                                 const LoraLinear& down, bool training) const;
+                                 const LoraLinear& down, const ForwardContext& ctx) const;
   // Tokens mode: each rank runs the whole expert FFN (frozen base included) on the rows its
   // experts receive.
   at::Tensor forward_tokens(const at::Tensor& x_TD, const kernels::PermutePlan& plan,
                             const at::Tensor& weight_N, const LoraLinear& gate,
                             const LoraLinear& up, const LoraLinear& down,
-                            const Dispatcher& dispatcher, bool training) const;
+                            const Dispatcher& dispatcher, const ForwardContext& ctx) const;
 
   std::string name_;
   at::Tensor router_ED_;  // float32, trainable

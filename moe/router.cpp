@@ -11,6 +11,7 @@
 
 #include "kernels/check.h"
 #include "moe/precision.h"
+#include "moe/random.h"
 
 namespace mole::moe {
 
@@ -81,11 +82,7 @@ at::Tensor router_logits(const at::Tensor& x_TD, const at::Tensor& weight_ED, do
   at::Tensor x = x_TD.to(adapter_dtype(x_TD.scalar_type()));
   if (training && jitter_noise > 0.0) {
     at::Tensor noise_TD = at::empty_like(x);
-    if (gen) {
-      noise_TD.uniform_(1.0 - jitter_noise, 1.0 + jitter_noise, *gen);
-    } else {
-      noise_TD.uniform_(1.0 - jitter_noise, 1.0 + jitter_noise);
-    }
+    noise_TD.uniform_(1.0 - jitter_noise, 1.0 + jitter_noise, require_generator(gen, "router jitter"));
     x = x * noise_TD;
   }
   return at::linear(x, weight_ED.to(x.scalar_type()));

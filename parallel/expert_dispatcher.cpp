@@ -6,14 +6,14 @@
 #include <numeric>
 
 #include "dist/communicator.h"
-#include "dist/process_grid.h"
+#include "parallel/parallel_dims.h"
 #include "kernels/check.h"
 
 namespace mole::parallel {
 
 moe::ExpertShard place_experts(int64_t num_experts, int ep, int ep_rank) {
   MOLE_CHECK(num_experts > 0, "a site needs at least one expert, got ", num_experts);
-  dist::ParallelDims{ep, ep}.validate(num_experts);
+  ParallelDims(ep, ep).check_experts(num_experts);
   if (ep == 1 || num_experts < ep) return {0, num_experts, num_experts};
   const int64_t e = num_experts / ep;
   return {ep_rank * e, e, num_experts};

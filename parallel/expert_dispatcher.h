@@ -22,7 +22,7 @@ namespace mole::parallel {
 // The placement rule, in one place: a site of `num_experts` experts over an EP group of `ep`
 // ranks. Split (e = E / ep experts per rank, rank r holding [r e, (r + 1) e)) when E >= ep;
 // replicated (every rank holds all) when E < ep or ep = 1. Throws mole::Error naming the numbers
-// when E >= ep is not a multiple of ep (the same check as dist::ParallelDims::validate).
+// when E >= ep is not a multiple of ep (ParallelDims::check_experts).
 moe::ExpertShard place_experts(int64_t num_experts, int ep, int ep_rank);
 
 class ExpertParallelDispatcher : public moe::Dispatcher {

@@ -6,7 +6,8 @@
 #include <cmath>
 
 #include "dist/communicator.h"
-#include "dist/process_grid.h"
+#include "parallel/parameter_registry.h"
+#include "parallel/process_grid.h"
 
 namespace mole::parallel {
 
@@ -52,12 +53,13 @@ void all_reduce_gradients(const std::vector<at::Tensor>& params, dist::Communica
   }
 }
 
-GradientReducer::GradientReducer(const dist::ProcessGrid& grid, std::vector<at::Tensor> replicated,
-                                 std::vector<at::Tensor> expert_shards)
-    : grid_(grid), replicated_(std::move(replicated)), expert_shards_(std::move(expert_shards)) {}
+GradientReducer::GradientReducer(const ProcessGrid& grid, const ParameterRegistry& registry)
+    : grid_(grid),
+      replicated_(registry.tensors(ReplicaGroup::kWorld)),
+      expert_shards_(registry.tensors(ReplicaGroup::kExpertData)) {}
 
 void GradientReducer::reduce() const {
-  if (grid_.dims().world > 1) all_reduce_gradients(replicated_, grid_.world());
+  if (grid_.dims().world() > 1) all_reduce_gradients(replicated_, grid_.world());
   if (grid_.dims().edp() > 1) all_reduce_gradients(expert_shards_, grid_.edp());
 }
 
@@ -68,7 +70,7 @@ double GradientReducer::global_norm() const {
     at::Tensor shards =
         at::tensor({grad_squared_sum(expert_shards_)}, at::kDouble).to(grid_.ep().tensor_device());
     grid_.ep().all_reduce(shards, dist::ReduceOp::kSum)->wait();
-    total += shards.item<double>();
+    total += shards.cpu().item<double>();
   }
   return std::sqrt(total);
 }

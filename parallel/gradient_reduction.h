@@ -1,9 +1,9 @@
 // Gradient reduction for data + expert parallelism (DESIGN.md §4): afterwards every rank holds
-// the gradient of the one global-batch loss. Tensors replicated on every rank (plain LoRA,
-// routers, experts of replicated sites) are summed over the world; expert shards over their
-// expert-data-parallel group only (the owner already holds the contributions of every token its
-// EP group routed to it). The loss is normalised once by the global target-token count, so the
-// reduction is a plain sum.
+// the gradient of the one global-batch loss. Each trainable tensor is summed over its replica
+// group from the parameter registry: tensors every rank holds whole over the world, expert shards
+// over their expert-data-parallel group only (the owner already holds the contributions of every
+// token its EP group routed to it). The loss is normalised once by the global target-token count,
+// so the reduction is a plain sum.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -13,10 +13,12 @@
 
 namespace mole::dist {
 class Communicator;
-class ProcessGrid;
-}  // namespace mole::dist
+}
 
 namespace mole::parallel {
+
+class ParameterRegistry;
+class ProcessGrid;
 
 // Sums the gradients of `params` over `group` in flattened buckets of at most `bucket_elements`
 // (a tensor without a gradient takes part with zeros, so every rank runs the same collectives).
@@ -30,10 +32,8 @@ double grad_squared_sum(const std::vector<at::Tensor>& params);
 
 class GradientReducer {
  public:
-  // `replicated`: tensors every rank holds in full; `expert_shards`: tensors holding this rank's
-  // experts of a split site. The grid must outlive the reducer.
-  GradientReducer(const dist::ProcessGrid& grid, std::vector<at::Tensor> replicated,
-                  std::vector<at::Tensor> expert_shards);
+  // The grid and the registry must outlive the reducer.
+  GradientReducer(const ProcessGrid& grid, const ParameterRegistry& registry);
   // Collective over the world and the EDP group.
   void reduce() const;
   // The L2 norm of the whole (unsharded) gradient, the same on every rank: replicated tensors
@@ -42,7 +42,7 @@ class GradientReducer {
   double global_norm() const;
 
  private:
-  const dist::ProcessGrid& grid_;
+  const ProcessGrid& grid_;
   std::vector<at::Tensor> replicated_;
   std::vector<at::Tensor> expert_shards_;
 };

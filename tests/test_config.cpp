@@ -7,7 +7,8 @@
 
 #include "kernels/check.h"
 #include "launch/config.h"
-#include "launch/optimizer.h"
+#include "launch/schedule.h"
+#include "parallel/adamw.h"
 #include "tests/test_util.h"
 
 namespace mole {
@@ -113,10 +114,9 @@ TEST(Config, ResolvedYamlRoundTrips) {
 TEST(Optimizer, AdamWMatchesHandComputedSteps) {
   at::Tensor a = at::tensor({1.0f, -2.0f}).requires_grad_(true);
   at::Tensor b = at::tensor({0.5f}).requires_grad_(true);
-  launch::AdamWOptions opts;
-  opts.weight_decay = 0.1;
-  opts.lora_plus_ratio = 4.0;
-  launch::AdamW adam({{"x.lora_A.weight", a}, {"x.lora_B.weight", b}}, opts);
+  // Weight decay 0.1 on both, the LoRA+ lr multiplier 4 on B (as the parameter registry sets).
+  parallel::AdamW adam({{"x.lora_A.weight", a, 1.0, 0.1}, {"x.lora_B.weight", b, 4.0, 0.1}},
+                       parallel::AdamWOptions{});
   // Hand-run the same two steps in double.
   double pa[2] = {1.0, -2.0}, pb = 0.5, ma[2] = {0, 0}, va[2] = {0, 0}, mb = 0, vb = 0;
   const double ga[2][2] = {{0.1, -0.2}, {0.3, 0.05}}, gb[2] = {-1.0, 2.0}, lr = 0.01;
@@ -161,16 +161,16 @@ TEST(Optimizer, GlobalNormAndClipping) {
   at::Tensor a = at::zeros({2}).requires_grad_(true), b = at::zeros({1}).requires_grad_(true);
   a.mutable_grad() = at::tensor({3.0f, 0.0f});
   b.mutable_grad() = at::tensor({4.0f});
-  std::vector<moe::NamedTensor> params = {{"a", a}, {"b", b}};
-  const double norm = launch::global_grad_norm(params);
+  std::vector<at::Tensor> params = {a, b};
+  const double norm = parallel::global_grad_norm(params);
   EXPECT_DOUBLE_EQ(norm, 5.0);
-  launch::clip_grad_norm(params, 1.0, norm);
-  EXPECT_NEAR(launch::global_grad_norm(params), 1.0, 1e-6);
+  parallel::clip_grad_norm(params, 1.0, norm);
+  EXPECT_NEAR(parallel::global_grad_norm(params), 1.0, 1e-6);
   EXPECT_NEAR(b.grad()[0].item<double>(), 0.8, 1e-6);
-  launch::clip_grad_norm(params, 10.0, 1.0);  // below the limit: unchanged
+  parallel::clip_grad_norm(params, 10.0, 1.0);  // below the limit: unchanged
   EXPECT_NEAR(b.grad()[0].item<double>(), 0.8, 1e-6);
   b.mutable_grad() = at::tensor({std::nanf("")});
-  EXPECT_FALSE(std::isfinite(launch::global_grad_norm(params)));
+  EXPECT_FALSE(std::isfinite(parallel::global_grad_norm(params)));
 }
 
 }  // namespace

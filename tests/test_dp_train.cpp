@@ -45,7 +45,9 @@ double compare_with_one_rank(const test::TempDir& dir, const std::string& dtype,
     const std::string out = dir.file(backend + "-" + dtype + "-np" + std::to_string(np));
     EXPECT_EQ(run(mpirun(np) + test::demo_train_args(out, 8 / np) + extra, dir.file("log")), 0)
         << test::read_bytes(dir.file("log"));
-    test::expect_same_steps(ref_dir, out);
+    // float64: exact up to summation order; float32: see expect_same_steps_fp32.
+    if (dtype == "fp64") test::expect_same_steps(ref_dir, out);
+    else test::expect_same_steps_fp32(ref_dir, out);
     worst = std::max(worst, test::worst_weight_error(ref_dir, out));
   }
   return worst;
@@ -58,7 +60,8 @@ TEST_F(DpTrain, TwoAndFourRanksReproduceOneRank) {
   const double worst64 = compare_with_one_rank(dir_, "fp64");
   RecordProperty("worst_weight_rel_error_fp64", test::sci(worst64));
   EXPECT_LT(worst64, 1e-5);
-  // float32: losses agree to 1e-5 (checked inside); the weights differ more, because AdamW's
+  // float32: losses agree to 1e-5 at the first step and to a measured bound after it (checked
+  // inside); the weights differ more, because AdamW's
   // first steps map each gradient element to about +-lr whatever its size, so float32 rounding
   // (1e-7 of a tensor's norm) decides the update of elements whose gradient is near zero.
   const double worst32 = compare_with_one_rank(dir_, "fp32");

@@ -4,9 +4,10 @@
 // replicas of every expert), a replicated MoLA layer (fewer experts than EP), DynMoLE's variable
 // experts per token, token mode against weight mode, a router that sends every token to one
 // expert, evaluation, and `mole bench dispatch`.
-// Per-step loss, aux loss, load-balance loss and gradient norm agree to 1e-5 relative in float32;
-// the trained adapters agree to 1e-5 in float64 (in float32 AdamW amplifies rounding, see
-// test_dp_train.cpp, so float32 weights are held to 1e-3).
+// Exactness is checked in float64 (model.dtype: fp64): per-step loss, aux loss, load-balance loss
+// and gradient norm agree to kExact relative, and so do the trained adapters. In float32 the
+// layouts agree to 1e-5 at the first step and to a measured bound after it (AdamW amplifies
+// rounding; see expect_same_steps_fp32 in train_run_util.h).
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -22,6 +23,12 @@ namespace mole {
 namespace {
 
 constexpr double kLossTol = 1e-5;
+// float64: the layouts differ only in summation order (observed about 1e-13).
+constexpr double kExact = 1e-9;
+// float32 adapters after 5 steps: measured up to 3.5e-3 relative between one rank and EP 4 on
+// AMD EPYC machines (AdamW's +-lr steps on near-zero gradient elements).
+constexpr double kFloat32WeightTol = 2e-2;
+const std::string kFp64 = " --set model.dtype=fp64";
 
 class EpTrain : public ::testing::Test {
  protected:
@@ -48,28 +55,45 @@ class EpTrain : public ::testing::Test {
 };
 
 using test::expect_same_steps;
+using test::expect_same_steps_fp32;
 using test::worst_weight_error;
 
 const std::string kTokens = " --set parallel.dispatch=tokens";
 const std::string kWeights = " --set parallel.dispatch=weights";
 
 TEST_F(EpTrain, MixLoraEp2AndEp4ReproduceOneRank) {
-  const std::string ref = train(1, "np1", "");
-  const std::string ep2_tokens = train(2, "ep2-tokens", "--set parallel.ep=2" + kTokens);
-  const std::string ep2_weights = train(2, "ep2-weights", "--set parallel.ep=2" + kWeights);
-  const std::string ep4_tokens = train(4, "ep4-tokens", "--set parallel.ep=4" + kTokens);
-  const std::string ep2_replicas = train(4, "np4-ep2", "--set parallel.ep=2");  // auto
+  const std::string ref = train(1, "np1", kFp64);
+  const std::string ep2_tokens = train(2, "ep2-tokens", "--set parallel.ep=2" + kTokens + kFp64);
+  const std::string ep2_weights = train(2, "ep2-weights", "--set parallel.ep=2" + kWeights + kFp64);
+  const std::string ep4_tokens = train(4, "ep4-tokens", "--set parallel.ep=4" + kTokens + kFp64);
+  const std::string ep2_replicas = train(4, "np4-ep2", "--set parallel.ep=2" + kFp64);  // auto
+  double worst = 0.0;
   for (const std::string& run : {ep2_tokens, ep2_weights, ep4_tokens, ep2_replicas}) {
-    expect_same_steps(ref, run);
-    EXPECT_LT(worst_weight_error(ref, run), 1e-3) << run;
+    expect_same_steps(ref, run, 5, kExact);
+    worst = std::max(worst, worst_weight_error(ref, run));
   }
+  RecordProperty("worst_weight_rel_error_fp64", test::sci(worst));
+  EXPECT_LT(worst, kExact);
   // Token mode against weight mode directly.
-  expect_same_steps(ep2_weights, ep2_tokens);
+  expect_same_steps(ep2_weights, ep2_tokens, 5, kExact);
   EXPECT_NE(log_of("np4-ep2").find("expert parallel: ep 2 x edp 2, dispatch auto"), std::string::npos)
       << log_of("np4-ep2");
   EXPECT_NE(log_of("ep4-tokens").find("layers.0.mlp (+3 alike): tokens | per step tokens"),
             std::string::npos)
       << log_of("ep4-tokens");
+}
+
+// The same layouts in float32, the precision people train in.
+TEST_F(EpTrain, MixLoraFloat32AgreesWithinItsMeasuredBound) {
+  const std::string ref = train(1, "np1", "");
+  double worst = 0.0;
+  for (const std::string& run : {train(2, "ep2-tokens", "--set parallel.ep=2" + kTokens),
+                                 train(4, "ep4-tokens", "--set parallel.ep=4" + kTokens)}) {
+    expect_same_steps_fp32(ref, run);
+    worst = std::max(worst, worst_weight_error(ref, run));
+  }
+  RecordProperty("worst_weight_rel_error_fp32", test::sci(worst));
+  EXPECT_LT(worst, kFloat32WeightTol);
 }
 
 TEST_F(EpTrain, Float64WeightsMatchOneRankInBothModesAndBackends) {
@@ -92,14 +116,15 @@ TEST_F(EpTrain, Float64WeightsMatchOneRankInBothModesAndBackends) {
 }
 
 TEST_F(EpTrain, MolaPerLayerExpertCounts) {
-  const std::string mola = " --set adapter.method=mola --set adapter.experts=2,4,6,8";
+  const std::string mola = " --set adapter.method=mola --set adapter.experts=2,4,6,8" + kFp64;
   const std::string ref = train(1, "np1", mola);
-  expect_same_steps(ref, train(2, "ep2-tokens", "--set parallel.ep=2" + kTokens + mola));
-  expect_same_steps(ref, train(2, "ep2-weights", "--set parallel.ep=2" + kWeights + mola));
+  expect_same_steps(ref, train(2, "ep2-tokens", "--set parallel.ep=2" + kTokens + mola), 5, kExact);
+  expect_same_steps(ref, train(2, "ep2-weights", "--set parallel.ep=2" + kWeights + mola), 5, kExact);
   // EP = 4: the 2-expert layer is replicated on every rank, the others are split.
-  const std::string replicated = " --set adapter.method=mola --set adapter.experts=2,4,4,8";
+  const std::string replicated = " --set adapter.method=mola --set adapter.experts=2,4,4,8" + kFp64;
   const std::string ref4 = train(1, "np1-replicated", replicated);
-  expect_same_steps(ref4, train(4, "ep4-replicated", "--set parallel.ep=4" + kTokens + replicated));
+  expect_same_steps(ref4, train(4, "ep4-replicated", "--set parallel.ep=4" + kTokens + replicated), 5,
+                    kExact);
   EXPECT_NE(log_of("ep4-replicated").find("2 experts replicated, local"), std::string::npos)
       << log_of("ep4-replicated");
 }
@@ -107,28 +132,28 @@ TEST_F(EpTrain, MolaPerLayerExpertCounts) {
 // DynMoLE: a variable number of experts per token (Tsallis-entropy hybrid router) and its
 // entropy loss from global statistics.
 TEST_F(EpTrain, DynMoleVariableExpertsPerToken) {
-  const std::string dynmole = " --set adapter.method=dynmole --set adapter.experts=4";
+  const std::string dynmole = " --set adapter.method=dynmole --set adapter.experts=4" + kFp64;
   const std::string ref = train(1, "np1", dynmole);
-  expect_same_steps(ref, train(2, "ep2-tokens", "--set parallel.ep=2" + kTokens + dynmole));
+  expect_same_steps(ref, train(2, "ep2-tokens", "--set parallel.ep=2" + kTokens + dynmole), 5, kExact);
 }
 
 // All router weights zero: every expert ties, so top-1 sends every token of every rank to expert
 // 0 (on rank 0) in the first step. Training still matches one rank, in both modes.
 TEST_F(EpTrain, EveryTokenToOneExpertStillTrains) {
-  const std::string skew = " --set adapter.router_init_range=0 --set adapter.router.top_k=1";
+  const std::string skew = " --set adapter.router_init_range=0 --set adapter.router.top_k=1" + kFp64;
   const std::string ref = train(1, "np1", skew);
   const std::vector<nlohmann::json> first = test::metrics(ref);
   ASSERT_FALSE(first.empty());
   EXPECT_EQ(first[0].at("expert_load").at("layers.0.mlp").at(0).get<double>(), 1.0)
       << first[0].dump();
-  expect_same_steps(ref, train(2, "ep2-tokens", "--set parallel.ep=2" + kTokens + skew));
-  expect_same_steps(ref, train(2, "ep2-weights", "--set parallel.ep=2" + kWeights + skew));
+  expect_same_steps(ref, train(2, "ep2-tokens", "--set parallel.ep=2" + kTokens + skew), 5, kExact);
+  expect_same_steps(ref, train(2, "ep2-weights", "--set parallel.ep=2" + kWeights + skew), 5, kExact);
 }
 
 // Evaluation under expert parallelism: every rank takes part in the forward passes; rank 0
 // reports the same held-out loss and accuracy as one rank.
 TEST_F(EpTrain, EvaluationMatchesOneRank) {
-  const std::string eval = " --set data.eval=synthetic:multitask --set train.eval_every=5";
+  const std::string eval = " --set data.eval=synthetic:multitask --set train.eval_every=5" + kFp64;
   const std::string ref = train(1, "np1", eval);
   const std::string ep = train(2, "ep2-tokens", "--set parallel.ep=2" + kTokens + eval);
   auto eval_line = [](const std::string& dir) {
@@ -141,7 +166,7 @@ TEST_F(EpTrain, EvaluationMatchesOneRank) {
   ASSERT_FALSE(a.is_null() || b.is_null()) << "no eval line";
   EXPECT_NEAR(b.at("eval_loss").get<double>(), a.at("eval_loss").get<double>(),
               kLossTol * a.at("eval_loss").get<double>());
-  // Argmax over near-tied logits may flip for a token or two with float32 rounding (~2000 tokens).
+  // Argmax over near-tied logits may flip for a token or two with rounding (~2000 tokens).
   EXPECT_NEAR(b.at("eval_accuracy").get<double>(), a.at("eval_accuracy").get<double>(), 2e-3);
 }
 

@@ -46,15 +46,17 @@ TEST(LoraLinear, DropoutOnlyTouchesTheLoraInput) {
   moe::LoraLinear linear(f.w, f.b);
   // With B = 0 the LoRA path contributes nothing: training output is exactly the base.
   linear.set_lora(f.a, at::zeros({6, 3}), 2.0, 0.5, "test");
-  EXPECT_TRUE(at::equal(linear.forward(f.x, true), linear.forward_base(f.x) + 0.0));
+  // Dropout draws from the generator it is given (never from the global one).
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(11);
+  EXPECT_TRUE(at::equal(linear.forward(f.x, true, gen), linear.forward_base(f.x) + 0.0));
   // With B != 0, dropout makes training differ from evaluation, and evaluation is deterministic.
   linear.set_lora(f.a, f.bb, 2.0, 0.5, "test");
-  EXPECT_FALSE(at::allclose(linear.forward(f.x, true), linear.forward(f.x, false)));
+  EXPECT_FALSE(at::allclose(linear.forward(f.x, true, gen), linear.forward(f.x, false)));
   EXPECT_TRUE(at::equal(linear.forward(f.x, false), linear.forward(f.x, false)));
   // Each input element is either dropped or scaled by 1/(1-p): the delta equals the LoRA of a
   // masked input for the mask recovered from a one-hot probe.
   at::Tensor eye = at::eye(5).unsqueeze(0).expand({200, 5, 5}).reshape({1000, 5});
-  at::Tensor delta = linear.lora_delta(eye, true);                 // rows: s * B A (m_i e_i / (1-p))
+  at::Tensor delta = linear.lora_delta(eye, true, gen);                 // rows: s * B A (m_i e_i / (1-p))
   at::Tensor column = 2.0 * at::matmul(f.bb, f.a).t() / 0.5;       // [5, 6]: kept rows
   at::Tensor expected_kept = column.repeat({200, 1});
   at::Tensor kept = (delta - expected_kept).abs().amax(1) < 1e-4;

@@ -1,0 +1,148 @@
+// Rank 0's metrics: run folder files and console (see metrics_sink.h).
+#include "launch/metrics_sink.h"
+
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <numeric>
+
+#include "kernels/check.h"
+#include "launch/metrics_log.h"
+
+namespace mole::launch {
+namespace {
+
+namespace fs = std::filesystem;
+
+double peak_memory_mib() {
+  struct rusage usage;
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_maxrss) / 1024.0;
+}
+
+std::string format_duration(double seconds) {
+  const int64_t s = static_cast<int64_t>(std::max(0.0, seconds));
+  char buf[32];
+  if (s >= 3600) std::snprintf(buf, sizeof buf, "%lldh%02lldm", (long long)(s / 3600), (long long)(s % 3600 / 60));
+  else std::snprintf(buf, sizeof buf, "%lldm%02llds", (long long)(s / 60), (long long)(s % 60));
+  return buf;
+}
+
+}  // namespace
+
+MetricsSink::MetricsSink(const Config& config, bool lead, bool show_progress, bool moe_method)
+    : config_(config), lead_(lead), tty_(show_progress), moe_(moe_method) {
+  summary_.run_dir = config.log.dir;
+  summary_.eval_loss = std::nan("");
+  if (lead_) {
+    fs::create_directories(config.log.dir);
+    std::ofstream(config.log.dir + "/config.yaml") << to_yaml(config);
+    metrics_.open(config.log.dir + "/metrics.jsonl", std::ios::app);
+    MOLE_CHECK(metrics_.good(), "cannot write '", config.log.dir, "/metrics.jsonl'");
+    if (config.log.tensorboard) tb_ = std::make_unique<TensorBoardWriter>(config.log.dir);
+  }
+  start_ = window_start_ = Clock::now();
+}
+
+MetricsSink::~MetricsSink() = default;
+
+void MetricsSink::on_step(const StepResult& r) {
+  const int64_t done = r.step + 1, total = config_.train.steps;
+  window_tokens_ += r.tokens;
+  total_target_tokens_ += r.target_tokens;
+  if (steps_seen_++ == 0) summary_.first_loss = r.loss;
+  if (!r.skipped) recent_losses_.push_back(r.loss);
+  if (recent_losses_.size() > 10) recent_losses_.pop_front();
+  summary_.last_loss = std::accumulate(recent_losses_.begin(), recent_losses_.end(), 0.0) /
+                       static_cast<double>(std::max<size_t>(1, recent_losses_.size()));
+  summary_.steps = done;
+  if (r.skipped) ++summary_.skipped_steps;
+  const double elapsed = std::chrono::duration<double>(Clock::now() - start_).count();
+  if (tty_) {
+    const int width = 30, filled = static_cast<int>(width * done / total);
+    std::printf("\r[%s%s] %lld/%lld loss %.4f ", std::string(filled, '#').c_str(),
+                std::string(width - filled, '.').c_str(), (long long)done, (long long)total, r.loss);
+    std::fflush(stdout);
+  }
+  if (lead_ && (done % config_.log.every == 0 || done == 1 || done == total)) log_step(done, r, elapsed);
+}
+
+void MetricsSink::log_step(int64_t done, const StepResult& r, double elapsed) {
+  const int64_t total = config_.train.steps;
+  const double window = std::chrono::duration<double>(Clock::now() - window_start_).count();
+  const double tps = window > 0 ? static_cast<double>(window_tokens_) / window : 0.0;
+  const double eta = elapsed / static_cast<double>(steps_seen_) * static_cast<double>(total - done);
+  if (tty_) std::printf("\r%s\r", std::string(80, ' ').c_str());
+  spdlog::info("step {}/{} | loss {:.4f} | aux {:.4f} | lr {:.2e} | grad {:.3f} | {:.0f} tok/s | eta {} | mem {:.0f} MiB{}",
+               done, total, r.loss, r.aux_loss, r.lr, r.grad_norm, tps, format_duration(eta),
+               peak_memory_mib(), r.skipped ? " | skipped" : "");
+  nlohmann::json line = {{"step", done}, {"loss", r.loss}, {"lr", r.lr}, {"grad_norm", r.grad_norm},
+                         {"tokens_per_s", tps}, {"peak_mem_mib", peak_memory_mib()},
+                         {"skipped", r.skipped}, {"elapsed_s", elapsed}};
+  if (moe_) {
+    line["aux_loss"] = r.aux_loss;
+    for (const auto& [name, value] : r.aux_parts) line[name] = value;
+    nlohmann::json loads = nlohmann::json::object();
+    for (const auto& [site, l] : r.expert_loads) loads[site] = l;
+    line["expert_load"] = loads;
+  }
+  metrics_ << line.dump() << "\n";
+  metrics_.flush();
+  if (tb_) {
+    tb_->add_scalar("train/loss", done, r.loss);
+    tb_->add_scalar("train/lr", done, r.lr);
+    tb_->add_scalar("train/grad_norm", done, r.grad_norm);
+    tb_->add_scalar("train/tokens_per_s", done, tps);
+    if (moe_) {
+      tb_->add_scalar("train/aux_loss", done, r.aux_loss);
+      for (const auto& [site, l] : r.expert_loads) {
+        for (size_t e = 0; e < l.size(); ++e) {
+          tb_->add_scalar("expert_load/" + site + "/" + std::to_string(e), done, l[e]);
+        }
+      }
+    }
+    tb_->flush();
+  }
+  window_start_ = Clock::now();
+  window_tokens_ = 0;
+}
+
+void MetricsSink::on_eval(int64_t step, const EvalResult& e) {
+  if (!lead_) return;
+  summary_.eval_loss = e.loss;
+  summary_.eval_accuracy = e.accuracy;
+  spdlog::info("eval step {} | loss {:.4f} | accuracy {:.3f} over {} tokens", step, e.loss, e.accuracy, e.tokens);
+  metrics_ << nlohmann::json{{"step", step}, {"eval_loss", e.loss}, {"eval_accuracy", e.accuracy}}.dump() << "\n";
+  metrics_.flush();
+  if (tb_) {
+    tb_->add_scalar("eval/loss", step, e.loss);
+    tb_->add_scalar("eval/accuracy", step, e.accuracy);
+    tb_->flush();
+  }
+}
+
+TrainSummary MetricsSink::summary() const {
+  TrainSummary s = summary_;
+  s.wall_s = std::chrono::duration<double>(Clock::now() - start_).count();
+  s.tokens_per_s = s.wall_s > 0 ? static_cast<double>(total_target_tokens_) / s.wall_s : 0.0;
+  return s;
+}
+
+void MetricsSink::write_summary(const TrainSummary& s) const {
+  if (!lead_) return;
+  nlohmann::json done = {{"steps", s.steps}, {"skipped_steps", s.skipped_steps},
+                         {"first_loss", s.first_loss}, {"last_loss", s.last_loss},
+                         {"wall_s", s.wall_s}, {"target_tokens_per_s", s.tokens_per_s}};
+  if (!std::isnan(s.eval_loss)) {
+    done["eval_loss"] = s.eval_loss;
+    done["eval_accuracy"] = s.eval_accuracy;
+  }
+  std::ofstream(config_.log.dir + "/summary.json") << done.dump(2) << "\n";
+}
+
+}  // namespace mole::launch

@@ -1,0 +1,70 @@
+// Where a run's metrics go: on rank 0 the run folder (config.yaml, metrics.jsonl, TensorBoard
+// events, summary.json) and the console (a progress bar on a terminal, a log line per logged
+// step); on the other ranks nowhere.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <fstream>
+#include <memory>
+#include <string>
+
+#include "launch/config.h"
+#include "launch/train_step.h"
+
+namespace mole::launch {
+
+class TensorBoardWriter;
+
+struct TrainSummary {
+  int64_t steps = 0;
+  int64_t skipped_steps = 0;
+  double first_loss = 0.0;  // LM loss of the first step
+  double last_loss = 0.0;   // mean LM loss of the last 10 steps (less noisy than one step)
+  double wall_s = 0.0;
+  double tokens_per_s = 0.0;  // target tokens per second over the whole run
+  double eval_loss = 0.0;     // last evaluation (NaN when none)
+  double eval_accuracy = 0.0;
+  std::string run_dir;
+};
+
+// Loss and next-token accuracy on response tokens (labels != -100).
+struct EvalResult {
+  double loss = 0.0;
+  double accuracy = 0.0;
+  int64_t tokens = 0;
+};
+
+class MetricsSink {
+ public:
+  // `lead`: this rank writes (rank 0). Creates the run folder and writes config.yaml there.
+  // `show_progress`: a progress bar on the console (one process on a terminal).
+  MetricsSink(const Config& config, bool lead, bool show_progress, bool moe_method);
+  ~MetricsSink();
+
+  // After every step: the running summary, the progress bar, and at log steps (train.log.every,
+  // the first and the last step) a console line, a metrics.jsonl line and TensorBoard scalars.
+  void on_step(const StepResult& result);
+  void on_eval(int64_t step, const EvalResult& eval);
+  // The run's summary so far (wall time up to now; eval from the last on_eval()).
+  TrainSummary summary() const;
+  // Rank 0 writes summary.json.
+  void write_summary(const TrainSummary& summary) const;
+  bool lead() const { return lead_; }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  void log_step(int64_t done, const StepResult& r, double elapsed);
+
+  const Config& config_;
+  bool lead_, tty_, moe_;
+  std::ofstream metrics_;
+  std::unique_ptr<TensorBoardWriter> tb_;
+  TrainSummary summary_;
+  Clock::time_point start_, window_start_;
+  int64_t window_tokens_ = 0, total_target_tokens_ = 0, steps_seen_ = 0;
+  std::deque<double> recent_losses_;
+};
+
+}  // namespace mole::launch

@@ -1,0 +1,65 @@
+// The parts of a training run, built from its Config in one place (the trainer only uses them):
+// tokenizer, model with its adapter, expert sharding, data, the parameter registry and the
+// optimizer, and the generator of the run's forward-pass draws.
+#pragma once
+
+#include <ATen/core/Generator.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "launch/config.h"
+#include "launch/data.h"
+#include "moe/adapter.h"
+#include "moe/llama.h"
+#include "parallel/optimizer.h"
+#include "parallel/parameter_registry.h"
+
+namespace mole::parallel {
+class ExpertParallelDispatcher;
+class ProcessGrid;
+}  // namespace mole::parallel
+
+namespace mole::launch {
+
+struct RunParts {
+  Config config;
+  std::shared_ptr<parallel::ProcessGrid> grid;  // null for one process
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<moe::CausalLM> model;
+  moe::AdapterSpec spec;
+  // Expert parallelism (parallel.ep > 1): how sites reach remote experts; null otherwise.
+  std::unique_ptr<parallel::ExpertParallelDispatcher> dispatcher;
+  std::unique_ptr<DataLoader> loader;
+  std::vector<Example> eval_examples;
+  std::unique_ptr<parallel::ParameterRegistry> registry;
+  std::unique_ptr<parallel::Optimizer> optimizer;
+  // Every random draw of the forward passes (LoRA dropout, router jitter): seeded by train.seed
+  // and the rank, on the model's device.
+  at::Generator forward_gen;
+
+  RunParts();
+  ~RunParts();
+  RunParts(RunParts&&) noexcept;
+  int rank() const;
+  int world() const;
+  bool synthetic_base() const;
+  const moe::Dispatcher* moe_dispatcher() const;
+};
+
+// Builds every part. Under expert parallelism every rank draws the full adapter from the seed
+// (as one rank would) and then keeps its experts; the registry and the optimizer are built after
+// that. `grid` null: one process. Collective over the grid when there is one (none today, but
+// parts may need it).
+RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid);
+
+// The seed of the stream of forward-pass draws (dropout, jitter) of `rank` in a run seeded with
+// `seed`: distinct per rank, and distinct from the seed of the weight initialisation.
+uint64_t forward_seed(uint64_t seed, int rank);
+
+// The built-in synthetic base: a small LLaMA-architecture model with `vocab` entries, weights
+// drawn deterministically from `seed`.
+moe::ModelConfig synthetic_tiny_config(int64_t vocab);
+
+}  // namespace mole::launch

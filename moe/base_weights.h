@@ -1,0 +1,46 @@
+// Where the frozen base weights of a model live (DESIGN.md §4). The model declares each frozen
+// tensor once, reads it through the handle it got back, and brackets every use of a decoder
+// layer's weights (its forward, and any recompute) with acquire(layer) / release(layer). The
+// local implementation holds every tensor whole, so the brackets do nothing; a sharded one
+// (parallel/) keeps 1/N of each tensor per rank and gathers a layer into the handles for its use.
+// Names are Hugging Face's (`model.layers.0.mlp.up_proj.weight`); layer -1 is the tensors outside
+// the decoder layers (embedding, final norm, LM head).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace mole::moe {
+
+class BaseWeights {
+ public:
+  virtual ~BaseWeights() = default;
+  // The handle the model reads frozen tensor `name` of `shape` through (declared once).
+  virtual at::Tensor declare(const std::string& name, int64_t layer, const std::vector<int64_t>& shape,
+                             const at::TensorOptions& options) = 0;
+  // Sets frozen tensor `name` from `value`: the whole tensor (any floating dtype and device; may
+  // be a view of a memory-mapped file). Shape checked.
+  virtual void assign(const std::string& name, const at::Tensor& value) = 0;
+  // Brackets around a use of layer `layer`'s weights. Calls nest per layer only once.
+  virtual void acquire(int64_t layer) const = 0;
+  virtual void release(int64_t layer) const = 0;
+};
+
+// Every frozen tensor whole, on the model's device, for the model's lifetime.
+class LocalBaseWeights final : public BaseWeights {
+ public:
+  at::Tensor declare(const std::string& name, int64_t layer, const std::vector<int64_t>& shape,
+                     const at::TensorOptions& options) override;
+  void assign(const std::string& name, const at::Tensor& value) override;
+  void acquire(int64_t) const override {}
+  void release(int64_t) const override {}
+
+ private:
+  std::map<std::string, at::Tensor> tensors_;
+};
+
+}  // namespace mole::moe
