@@ -30,6 +30,21 @@ class BaseWeights {
   virtual void release(int64_t layer) const = 0;
 };
 
+// acquire(layer) for a scope; release(layer) when it ends, also by an exception.
+class AcquiredLayer {
+ public:
+  AcquiredLayer(const BaseWeights& weights, int64_t layer) : weights_(weights), layer_(layer) {
+    weights_.acquire(layer_);
+  }
+  ~AcquiredLayer() { weights_.release(layer_); }
+  AcquiredLayer(const AcquiredLayer&) = delete;
+  AcquiredLayer& operator=(const AcquiredLayer&) = delete;
+
+ private:
+  const BaseWeights& weights_;
+  int64_t layer_;
+};
+
 // Every frozen tensor whole, on the model's device, for the model's lifetime.
 class LocalBaseWeights final : public BaseWeights {
  public:

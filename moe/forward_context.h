@@ -31,7 +31,8 @@ struct SiteRecord {
 // Without a runner the model calls `body` directly. A runner may call `body` again later (e.g.
 // activation checkpointing recomputes it in backward); `body` is safe to re-run: the site records
 // it makes replace the earlier ones, and its random draws come from ForwardContext::generator
-// (a recompute that must reproduce them restores the generator's state first).
+// (a recompute that must reproduce them restores the generator's state first). `body` refers to
+// the ForwardContext, which must outlive every call of it.
 using LayerBody = std::function<at::Tensor(const at::Tensor& h_BSD)>;
 class LayerRunner {
  public:

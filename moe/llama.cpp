@@ -286,29 +286,26 @@ at::Tensor CausalLM::forward(const at::Tensor& input_ids_BS, ForwardContext& ctx
     at::Tensor diff = pos.unsqueeze(1) - pos.unsqueeze(0);  // query - key
     mask_SS = (diff >= 0).logical_and(diff < *config_.sliding_window);
   }
-  weights_->acquire(-1);
+  const AcquiredLayer outer(*weights_, -1);  // embedding, final norm, LM head
   at::Tensor h_BSD = at::embedding(embed_VD_, ids);
   const LayerInputs inputs{rope, mask_SS};
   for (int64_t i = 0; i < num_layers(); ++i) {
-    const LayerBody body = [this, i, &inputs, &ctx](const at::Tensor& h) {
+    // `inputs` by value: a runner may keep the body and run it again in backward.
+    const LayerBody body = [this, i, inputs, &ctx](const at::Tensor& h) {
       return forward_layer(i, h, inputs, ctx);
     };
     h_BSD = ctx.layer_runner ? ctx.layer_runner->run(i, h_BSD, body) : body(h_BSD);
   }
   h_BSD = final_norm_.forward(h_BSD);
-  at::Tensor logits = at::linear(h_BSD, lm_head_VD_.defined() ? lm_head_VD_ : embed_VD_);
-  weights_->release(-1);
-  return logits;
+  return at::linear(h_BSD, lm_head_VD_.defined() ? lm_head_VD_ : embed_VD_);
 }
 
 at::Tensor CausalLM::forward_layer(int64_t i, const at::Tensor& h_BSD, const LayerInputs& inputs,
                                    ForwardContext& ctx) const {
   const DecoderLayer& layer = layers_.at(static_cast<size_t>(i));
-  weights_->acquire(i);
+  const AcquiredLayer acquired(*weights_, i);
   at::Tensor h = h_BSD + attention(layer, layer.input_norm.forward(h_BSD), inputs.rope, inputs.mask_SS, ctx);
-  h = h + mlp(layer, layer.post_attention_norm.forward(h), ctx);
-  weights_->release(i);
-  return h;
+  return h + mlp(layer, layer.post_attention_norm.forward(h), ctx);
 }
 
 LossSum causal_lm_loss_sum(const at::Tensor& logits_BSV, const at::Tensor& labels_BS) {

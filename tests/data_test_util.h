@@ -18,14 +18,7 @@ namespace mole::launch::data_test {
 
 inline constexpr int64_t kIgnore = -100;
 
-inline std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
+using test::error_of;  // shared with the other tests
 
 // Expects `msg` to contain every one of `parts`.
 inline void expect_all(const std::string& msg, std::initializer_list<std::string> parts) {

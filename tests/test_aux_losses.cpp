@@ -73,14 +73,7 @@ at::Tensor flags(const std::vector<int64_t>& values) {
 
 double value(const at::Tensor& t) { return t.item<double>(); }
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
+using test::error_of;
 
 // Three tokens, two experts: p = (0.75, 0.25), (0.75, 0.25), (0.5, 0.5) with logsumexp offsets
 // 1, 2, -1 (logits = log p + offset), so sum of lse^2 = 1 + 4 + 1 = 6.

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <random>
 
+#include "kernels/check.h"
 #include "tests/test_util.h"
 
 namespace fs = std::filesystem;
@@ -41,6 +42,15 @@ double rel_error(const at::Tensor& x, const at::Tensor& ref) {
   double denom = b.norm().item<double>();
   double num = (a - b).norm().item<double>();
   return denom == 0.0 ? num : num / denom;
+}
+
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "<no error>";
 }
 
 TempDir::TempDir() {

@@ -23,14 +23,7 @@
 namespace mole {
 namespace {
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 TEST(ParallelDims, EveryKeyIsValidatedOnConstruction) {
   const parallel::ParallelDims dims(8, 2, 1, 4);

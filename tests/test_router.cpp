@@ -12,7 +12,6 @@
 #include <vector>
 
 #include "moe/router.h"
-#include "tests/router_test_util.h"
 #include "tests/test_util.h"
 
 namespace mole {
@@ -20,7 +19,7 @@ namespace {
 
 using moe::RouterOptions;
 using moe::RoutingStrategy;
-using router_test::error_of;
+using test::error_of;
 using Rows = std::vector<std::vector<double>>;
 
 at::Tensor tensor_of(const Rows& rows, at::ScalarType dtype = at::kDouble) {

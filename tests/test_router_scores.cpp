@@ -11,14 +11,13 @@
 #include <vector>
 
 #include "moe/router.h"
-#include "tests/router_test_util.h"
 #include "tests/test_util.h"
 
 namespace mole {
 namespace {
 
 using moe::RouterOptions;
-using router_test::error_of;
+using test::error_of;
 
 // ---------------------------------------------------------------------------------------------
 // Logits and jitter

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <string>
 
 namespace mole::test {
@@ -17,6 +18,9 @@ std::string sci(double value);
 
 // ||x - ref|| / ||ref|| in float64.
 double rel_error(const at::Tensor& x, const at::Tensor& ref);
+
+// The message of the mole::Error that `fn` throws, or "<no error>".
+std::string error_of(const std::function<void()>& fn);
 
 // A fresh temporary folder, removed with everything in it on destruction.
 class TempDir {
