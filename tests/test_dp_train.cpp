@@ -65,8 +65,10 @@ TEST_F(DpTrain, TwoAndFourRanksReproduceOneRank) {
   // first steps map each gradient element to about +-lr whatever its size, so float32 rounding
   // (1e-7 of a tensor's norm) decides the update of elements whose gradient is near zero.
   const double worst32 = compare_with_one_rank(dir_, "fp32");
+  // Measured on AMD EPYC with OpenBLAS's Haswell kernels: 6.9e-4 here (DP 2 and 4), 3.5e-3 for EP 4
+  // (test_ep_train.cpp); the bound leaves room for other CPUs' kernels.
   RecordProperty("worst_weight_rel_error_fp32", test::sci(worst32));
-  EXPECT_LT(worst32, 1e-3);
+  EXPECT_LT(worst32, 2e-2);
 }
 
 #ifdef MOLE_HAVE_GLOO
