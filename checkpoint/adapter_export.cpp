@@ -132,7 +132,7 @@ void save_hf_model(moe::CausalLM& model, const std::string& dir) {
   const moe::ModelConfig& c = model.config();
   MOLE_CHECK(c.rope.type == "default", "save_hf_model: only default RoPE is written");
   std::vector<std::pair<std::string, at::Tensor>> tensors;
-  model.for_each_base_parameter([&](const std::string& name, at::Tensor& t) {
+  model.for_each_base_parameter([&](const std::string& name, const at::Tensor& t) {
     tensors.emplace_back(name, t.detach());
   });
   st::save_file(dir + "/model.safetensors", tensors, {{"format", "pt"}});

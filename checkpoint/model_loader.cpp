@@ -19,7 +19,7 @@ std::unique_ptr<moe::CausalLM> load_model(const std::string& dir, const at::Tens
 
   at::NoGradGuard no_grad;
   std::set<std::string> used;
-  model->for_each_base_parameter([&](const std::string& name, at::Tensor& param) {
+  model->for_each_base_parameter([&](const std::string& name, const at::Tensor& param) {
     MOLE_CHECK(reader.contains(name), "model folder '", dir, "' has no tensor '", name,
                "' (expected shape ", param.sizes(), " for model_type ", config.model_type, ")");
     at::Tensor src = reader.tensor(name);

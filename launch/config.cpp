@@ -247,6 +247,8 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
   parallel.get("zero", c.parallel.zero);
   check(c.parallel.zero >= 0 && c.parallel.zero <= 2, parallel, "zero", "must be 0, 1 or 2");
   parallel.get("base_shard", c.parallel.base_shard);
+  check(c.parallel.base_shard >= 0, parallel, "base_shard",
+        "must be 0 (off) or the number of ranks per base-shard group");
   parallel.choice("dispatch", c.parallel.dispatch, {"auto", "tokens", "weights"});
   parallel.choice("backend", c.parallel.backend, {"auto", "mpi", "gloo", "nccl"});
   parallel.get("timeout_s", c.parallel.timeout_s);

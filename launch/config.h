@@ -78,7 +78,7 @@ struct TrainSection {
 struct ParallelSection {
   int64_t ep = 1;
   int64_t zero = 0;
-  bool base_shard = false;
+  int64_t base_shard = 0;  // ranks per frozen-base shard group; 0: off (DESIGN.md §8)
   std::string dispatch = "auto";
   std::string backend = "auto";
   double timeout_s = 300.0;

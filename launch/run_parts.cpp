@@ -37,7 +37,8 @@ at::Device model_device(const Config& c) {
 void check_supported(const Config& c) {
   MOLE_CHECK(c.parallel.zero == 0, "parallel.zero = ", c.parallel.zero,
              ": ZeRO optimizer sharding is not available yet");
-  MOLE_CHECK(!c.parallel.base_shard, "parallel.base_shard: frozen-base sharding is not available yet");
+  MOLE_CHECK(c.parallel.base_shard == 0, "parallel.base_shard = ", c.parallel.base_shard,
+             ": frozen-base sharding is not available yet");
   MOLE_CHECK(c.checkpoint.every == 0, "checkpoint.every = ", c.checkpoint.every,
              ": sharded training checkpoints are not available yet (set it to 0; the adapter is "
              "written at the end of the run)");

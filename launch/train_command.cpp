@@ -63,13 +63,13 @@ void build_grid(DistributedRun& run, const Config& config) {
   const parallel::ParallelSizes sizes{world->size(), static_cast<int>(config.parallel.ep),
                                       static_cast<int>(config.parallel.zero),
                                       static_cast<int>(config.parallel.base_shard)};
+  run.grid = std::make_shared<parallel::ProcessGrid>(sizes, world);  // validates the sizes
   // Checked before any model is loaded (the same on every rank: the configs agree); per-layer
   // counts are checked again per site.
-  const parallel::ParallelDims dims(sizes);
+  const parallel::ParallelDims& dims = run.grid->dims();
   const bool moe_method = config.adapter.method != "lora";
   const bool uniform = config.adapter.experts_list.empty() && config.adapter.experts_pattern.empty();
   if (moe_method && uniform) dims.check_experts(config.adapter.experts);
-  run.grid = std::make_shared<parallel::ProcessGrid>(sizes, world);
   if (world->rank() != 0) spdlog::set_level(spdlog::level::warn);
   spdlog::info("data parallel over {} ranks ({} backend){}", world->size(), world->backend(),
                dims.ep() > 1 ? ", expert parallel over groups of " + std::to_string(dims.ep()) : "");

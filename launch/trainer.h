@@ -57,7 +57,6 @@ class Trainer {
   moe::CausalLM& model() { return *parts_.model; }
   const moe::AdapterSpec& adapter() const { return parts_.spec; }
   const Tokenizer& tokenizer() const { return *parts_.tokenizer; }
-  const RunParts& parts() const { return parts_; }
   int rank() const { return parts_.rank(); }
   int world() const { return parts_.world(); }
 

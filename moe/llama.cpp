@@ -54,21 +54,27 @@ CausalLM::CausalLM(ModelConfig config, const at::TensorOptions& options,
   const int64_t q_dim = c.num_heads * c.head_dim;
   const int64_t kv_dim = c.num_kv_heads * c.head_dim;
   const int64_t D = c.hidden_size, F = c.intermediate_size;
-  BaseWeights& w = *weights_;
+  // Every frozen tensor, declared in the order for_each_base_parameter() lists them.
+  auto declare = [this](const std::string& name, int64_t layer, const std::vector<int64_t>& shape,
+                        const at::TensorOptions& opts) {
+    at::Tensor t = weights_->declare(name, layer, shape, opts);
+    base_.emplace_back(name, t);
+    return t;
+  };
   // The fp64 exactness mode computes its RoPE tables in float64 too.
   const at::ScalarType rope_dtype = options.dtype() == at::kDouble ? at::kDouble : at::kFloat;
   inv_freq_ = rope_inv_freq(c.rope, c.head_dim, rope_dtype).to(options.device());
-  embed_VD_ = w.declare("model.embed_tokens.weight", -1, {c.vocab_size, D}, options);
+  embed_VD_ = declare("model.embed_tokens.weight", -1, {c.vocab_size, D}, options);
   layers_.resize(static_cast<size_t>(c.num_layers));
   for (int64_t i = 0; i < c.num_layers; ++i) {
     DecoderLayer& layer = layers_[static_cast<size_t>(i)];
     const std::string prefix = "model.layers." + std::to_string(i) + ".";
     auto norm = [&](const std::string& name) {
-      return RmsNorm(w.declare(prefix + name + ".weight", i, {D}, options), c.rms_norm_eps);
+      return RmsNorm(declare(prefix + name + ".weight", i, {D}, options), c.rms_norm_eps);
     };
     auto linear = [&](const std::string& name, int64_t out, int64_t in, bool bias) {
-      return LoraLinear(w.declare(prefix + name + ".weight", i, {out, in}, options),
-                        bias ? w.declare(prefix + name + ".bias", i, {out}, options) : at::Tensor());
+      at::Tensor weight = declare(prefix + name + ".weight", i, {out, in}, options);
+      return LoraLinear(weight, bias ? declare(prefix + name + ".bias", i, {out}, options) : at::Tensor());
     };
     layer.input_norm = norm("input_layernorm");
     layer.post_attention_norm = norm("post_attention_layernorm");
@@ -80,26 +86,13 @@ CausalLM::CausalLM(ModelConfig config, const at::TensorOptions& options,
     layer.up_proj = linear("mlp.up_proj", F, D, c.mlp_bias);
     layer.down_proj = linear("mlp.down_proj", D, F, c.mlp_bias);
   }
-  final_norm_ = RmsNorm(w.declare("model.norm.weight", -1, {D}, options), c.rms_norm_eps);
-  if (!c.tie_word_embeddings) lm_head_VD_ = w.declare("lm_head.weight", -1, {c.vocab_size, D}, options);
+  final_norm_ = RmsNorm(declare("model.norm.weight", -1, {D}, options), c.rms_norm_eps);
+  if (!c.tie_word_embeddings) lm_head_VD_ = declare("lm_head.weight", -1, {c.vocab_size, D}, options);
 }
 
 void CausalLM::for_each_base_parameter(
-    const std::function<void(const std::string&, at::Tensor&)>& fn) {
-  fn("model.embed_tokens.weight", embed_VD_);
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    DecoderLayer& layer = layers_[i];
-    const std::string prefix = "model.layers." + std::to_string(i) + ".";
-    fn(prefix + "input_layernorm.weight", layer.input_norm.weight());
-    fn(prefix + "post_attention_layernorm.weight", layer.post_attention_norm.weight());
-    for (const std::string& name : linear_names()) {
-      LoraLinear& linear = layer.linear(name);
-      fn(prefix + name + ".weight", linear.weight());
-      if (linear.bias().defined()) fn(prefix + name + ".bias", linear.bias());
-    }
-  }
-  fn("model.norm.weight", final_norm_.weight());
-  if (lm_head_VD_.defined()) fn("lm_head.weight", lm_head_VD_);
+    const std::function<void(const std::string&, const at::Tensor&)>& fn) const {
+  for (const auto& [name, t] : base_) fn(name, t);
 }
 
 std::vector<NamedTensor> CausalLM::lora_parameters() const {
@@ -164,7 +157,7 @@ std::vector<NamedTensor> CausalLM::trainable_parameters() const {
 
 void CausalLM::init_base_random(const at::Generator& gen) {
   at::NoGradGuard no_grad;
-  for_each_base_parameter([&](const std::string& name, at::Tensor& param) {
+  for_each_base_parameter([&](const std::string& name, const at::Tensor& param) {
     // float32 draws (float64 for a float64 model: its values then do not depend on the CPU's
     // vectorised float32 normal sampler).
     at::Tensor value = at::empty(param.sizes(), param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);

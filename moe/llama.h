@@ -119,9 +119,12 @@ class CausalLM {
   at::Tensor forward_layer(int64_t i, const at::Tensor& h_BSD, const LayerInputs& inputs,
                            ForwardContext& ctx) const;
 
-  // Every frozen base tensor with its Hugging Face name (`lm_head.weight` only when untied): the
-  // handles the model reads (BaseWeights::assign sets them).
-  void for_each_base_parameter(const std::function<void(const std::string&, at::Tensor&)>& fn);
+  // Every frozen base tensor with its Hugging Face name (`lm_head.weight` only when untied), in
+  // a fixed order: embedding, then per layer the two norms and each linear's weight (and bias) in
+  // linear_names() order, then the final norm and the LM head. The handles the model reads
+  // (BaseWeights::assign sets them).
+  void for_each_base_parameter(
+      const std::function<void(const std::string&, const at::Tensor&)>& fn) const;
   // Every plain LoRA tensor, named as PEFT does without the `base_model.model.` prefix, e.g.
   // `model.layers.0.self_attn.q_proj.lora_A.weight`.
   std::vector<NamedTensor> lora_parameters() const;
@@ -160,6 +163,7 @@ class CausalLM {
   ModelConfig config_;
   at::TensorOptions options_;
   std::shared_ptr<BaseWeights> weights_;
+  std::vector<NamedTensor> base_;  // every frozen handle with its name, in declaration order
   at::Tensor inv_freq_;  // [d/2], float32 (float64 for a float64 model)
   at::Tensor embed_VD_;
   std::vector<DecoderLayer> layers_;

@@ -18,25 +18,19 @@ at::Tensor trainable_copy(const at::Tensor& t, const at::TensorOptions& options)
   return t.detach().to(options, false, true).requires_grad_(true);
 }
 
-// The random draws of a site's forward: dropout only in training, from the pass's generator.
-struct Draws {
-  bool training = false;
-  const std::optional<at::Generator>* generator = nullptr;
-};
-Draws draws(const ForwardContext& ctx) { return {ctx.training, &ctx.generator}; }
-
-// Dropout on the LoRA input of every routed row (each (token, expert) pair draws its own mask,
-// as calling each expert separately would).
-at::Tensor lora_input(const at::Tensor& rows, at::ScalarType dtype, double p, const Draws& d) {
+// Dropout on the LoRA input of every routed row in training, from the pass's generator (each
+// (token, expert) pair draws its own mask, as calling each expert separately would).
+at::Tensor lora_input(const at::Tensor& rows, at::ScalarType dtype, double p,
+                      const ForwardContext& ctx) {
   at::Tensor x = rows.to(dtype);
-  if (!d.training || p == 0.0) return x;
-  return dropout(x, p, require_generator(*d.generator, "expert LoRA dropout"));
+  if (!ctx.training || p == 0.0) return x;
+  return dropout(x, p, require_generator(ctx.generator, "expert LoRA dropout"));
 }
 
 // rows_NI grouped by expert with `counts` rows for each expert of `lora`'s stack.
 at::Tensor expert_delta(const at::Tensor& rows_NI, const ExpertLora& lora,
-                        const std::vector<int64_t>& counts, const Draws& d) {
-  return kernels::grouped_lora(lora_input(rows_NI, lora.a_ErI.scalar_type(), lora.dropout, d),
+                        const std::vector<int64_t>& counts, const ForwardContext& ctx) {
+  return kernels::grouped_lora(lora_input(rows_NI, lora.a_ErI.scalar_type(), lora.dropout, ctx),
                                lora.a_ErI, lora.b_EOr, counts, lora.scale);
 }
 
@@ -178,15 +172,15 @@ at::Tensor FfnMoeSite::forward_shared_base(const at::Tensor& x_TD, const kernels
   at::Tensor base_up_NF = kernels::permute_rows(up.forward_base(x_TD), plan);
   at::Tensor x_ND = kernels::permute_rows(x_TD, plan);
   const at::ScalarType dtype = x_TD.scalar_type();
-  at::Tensor gate_NF = base_gate_NF + expert_delta(x_ND, gate_lora, plan.counts, draws(ctx)).to(dtype);
-  at::Tensor up_NF = base_up_NF + expert_delta(x_ND, up_lora, plan.counts, draws(ctx)).to(dtype);
+  at::Tensor gate_NF = base_gate_NF + expert_delta(x_ND, gate_lora, plan.counts, ctx).to(dtype);
+  at::Tensor up_NF = base_up_NF + expert_delta(x_ND, up_lora, plan.counts, ctx).to(dtype);
   at::Tensor h_NF = at::silu(gate_NF) * up_NF;
 
   // y = sum_e w_e (W_d h_e + s B_e A_e h_e) = W_d (sum_e w_e h_e) + sum_e w_e s B_e A_e h_e:
   // the frozen down projection runs once per token.
   at::Tensor h_TF = kernels::unpermute_combine(h_NF, plan, weight_N);
   at::Tensor lora_down_TD = kernels::unpermute_combine(
-      expert_delta(h_NF, down_lora, plan.counts, draws(ctx)), plan, weight_N);
+      expert_delta(h_NF, down_lora, plan.counts, ctx), plan, weight_N);
   return down.forward_base(h_TF) + lora_down_TD.to(dtype);
 }
 
@@ -198,10 +192,10 @@ at::Tensor FfnMoeSite::forward_tokens(const at::Tensor& x_TD, const kernels::Per
   const at::Tensor& x_RD = in.rows_RD;
   const at::ScalarType dtype = x_TD.scalar_type();
   // The whole expert FFN per received row: the frozen projections run once per routed pair.
-  at::Tensor gate_RF = gate.forward_base(x_RD) + expert_delta(x_RD, gate_, in.counts(), draws(ctx)).to(dtype);
-  at::Tensor up_RF = up.forward_base(x_RD) + expert_delta(x_RD, up_, in.counts(), draws(ctx)).to(dtype);
+  at::Tensor gate_RF = gate.forward_base(x_RD) + expert_delta(x_RD, gate_, in.counts(), ctx).to(dtype);
+  at::Tensor up_RF = up.forward_base(x_RD) + expert_delta(x_RD, up_, in.counts(), ctx).to(dtype);
   at::Tensor h_RF = at::silu(gate_RF) * up_RF;
-  at::Tensor y_RD = down.forward_base(h_RF) + expert_delta(h_RF, down_, in.counts(), draws(ctx)).to(dtype);
+  at::Tensor y_RD = down.forward_base(h_RF) + expert_delta(h_RF, down_, in.counts(), ctx).to(dtype);
   return dispatcher.combine(y_RD, *in.handle, weight_N);
 }
 
@@ -231,7 +225,7 @@ at::Tensor LinearMoeSite::delta(const at::Tensor& x_TI, ForwardContext& ctx) con
   if (mode == DispatchMode::kTokens) {
     Dispatched in = ctx.dispatcher->dispatch(x_TI, plan);
     rows_NO = ctx.dispatcher->return_rows(
-        expert_delta(in.rows_RD, experts_, in.counts(), draws(ctx)), *in.handle);
+        expert_delta(in.rows_RD, experts_, in.counts(), ctx), *in.handle);
   } else {
     ExpertLora experts = experts_;
     if (mode == DispatchMode::kWeights) {
@@ -239,7 +233,7 @@ at::Tensor LinearMoeSite::delta(const at::Tensor& x_TI, ForwardContext& ctx) con
           ctx.dispatcher->gather_experts({experts_.a_ErI, experts_.b_EOr}, num_experts());
       experts = experts_.with_stacks(all[0], all[1], 0);
     }
-    rows_NO = expert_delta(kernels::permute_rows(x_TI, plan), experts, plan.counts, draws(ctx));
+    rows_NO = expert_delta(kernels::permute_rows(x_TI, plan), experts, plan.counts, ctx);
   }
   if (contrastive_.coef > 0.0 && ctx.training) {
     // A bounded, evenly strided sample of the expert outputs (sorted by expert).

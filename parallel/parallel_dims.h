@@ -32,7 +32,6 @@ class ParallelDims {
   int ep() const { return sizes_.ep; }
   int zero() const { return sizes_.zero; }
   int base_shard() const { return sizes_.base_shard; }
-  const ParallelSizes& sizes() const { return sizes_; }
 
   int dp() const { return sizes_.world; }
   int edp() const { return sizes_.world / sizes_.ep; }

@@ -6,12 +6,9 @@
 #include "dist/communicator.h"
 #include "kernels/check.h"
 #include "parallel/exchange.h"
+#include "parallel/expert_dispatcher.h"
 
 namespace mole::parallel {
-
-const char* replica_group_name(ReplicaGroup group) {
-  return group == ReplicaGroup::kWorld ? "world" : "edp";
-}
 
 ParameterRegistry::ParameterRegistry(const moe::CausalLM& model, const OptimizerHints& hints) {
   for (const moe::TrainableTensor& t : model.trainable_tensors()) {
@@ -27,7 +24,6 @@ ParameterRegistry::ParameterRegistry(const moe::CausalLM& model, const Optimizer
       slot.global_shape.front() = t.num_experts;
       slot.first_row = t.first_expert;
     }
-    slot.group = slot.sharded() ? ReplicaGroup::kExpertData : ReplicaGroup::kWorld;
     slot.lr_scale = moe::is_lora_b(t.role) ? hints.lora_plus_ratio : 1.0;
     slot.weight_decay = hints.weight_decay;
     slots_.push_back(std::move(slot));
@@ -37,7 +33,7 @@ ParameterRegistry::ParameterRegistry(const moe::CausalLM& model, const Optimizer
 std::vector<at::Tensor> ParameterRegistry::tensors(ReplicaGroup group) const {
   std::vector<at::Tensor> out;
   for (const ParamSlot& s : slots_) {
-    if (s.group == group) out.push_back(s.tensor);
+    if (s.group() == group) out.push_back(s.tensor);
   }
   return out;
 }
@@ -64,13 +60,6 @@ int64_t ParameterRegistry::global_numel() const {
   return n;
 }
 
-bool ParameterRegistry::has_shards() const {
-  for (const ParamSlot& s : slots_) {
-    if (s.sharded()) return true;
-  }
-  return false;
-}
-
 std::vector<moe::NamedTensor> gather_trainable(const ParameterRegistry& registry,
                                                dist::Communicator* ep) {
   at::NoGradGuard no_grad;
@@ -82,12 +71,13 @@ std::vector<moe::NamedTensor> gather_trainable(const ParameterRegistry& registry
     }
     MOLE_CHECK(ep != nullptr, "gather_trainable: '", s.name, "' is sharded but no EP group was given");
     const int64_t rows = s.tensor.size(0);
-    MOLE_CHECK(s.first_row == ep->rank() * rows && rows * ep->size() == s.global_shape.front(),
-               "gather_trainable: '", s.name, "' holds rows [", s.first_row, ", ",
-               s.first_row + rows, ") of ", s.global_shape.front(), " on EP rank ", ep->rank(),
-               " of ", ep->size());
-    // Rank p holds rows [p e, (p + 1) e): the gathered flat tensors, in rank order, are the
-    // whole tensor.
+    const moe::ExpertShard placed = place_experts(s.global_shape.front(), ep->size(), ep->rank());
+    MOLE_CHECK(s.first_row == placed.first && rows == placed.count, "gather_trainable: '", s.name,
+               "' holds rows [", s.first_row, ", ", s.first_row + rows, ") of ",
+               s.global_shape.front(), " but EP rank ", ep->rank(), " of ", ep->size(), " places [",
+               placed.first, ", ", placed.first + placed.count, ") there");
+    // Rank p holds experts [p e, (p + 1) e) (place_experts): the gathered flat tensors, in rank
+    // order, are the whole tensor.
     at::Tensor all = all_gather_flat(*ep, s.tensor.detach().contiguous().reshape({-1}));
     out.emplace_back(s.name, all.reshape(s.global_shape).to(s.tensor.device()).clone());
   }

@@ -24,7 +24,6 @@ class Communicator;
 namespace mole::parallel {
 
 enum class ReplicaGroup { kWorld, kExpertData };
-const char* replica_group_name(ReplicaGroup group);
 
 // Per-tensor optimizer settings derived from the config.
 struct OptimizerHints {
@@ -38,12 +37,13 @@ struct ParamSlot {
   at::Tensor tensor;                  // this rank's part: a trainable leaf
   int64_t first_row = 0;              // global dim-0 index of the part's first row
   moe::TensorRole role = moe::TensorRole::kLoraA;
-  ReplicaGroup group = ReplicaGroup::kWorld;
   double lr_scale = 1.0;
   double weight_decay = 0.0;
 
   // True when this rank holds only part of the tensor (rows of an expert stack).
   bool sharded() const { return tensor.size(0) != global_shape.front(); }
+  // The ranks that hold the same part: the EDP group for a shard, else the world.
+  ReplicaGroup group() const { return sharded() ? ReplicaGroup::kExpertData : ReplicaGroup::kWorld; }
 };
 
 class ParameterRegistry {
@@ -56,7 +56,6 @@ class ParameterRegistry {
   std::vector<at::Tensor> tensors() const;
   int64_t local_numel() const;   // elements this rank holds
   int64_t global_numel() const;  // elements of the whole adapter
-  bool has_shards() const;
 
  private:
   std::vector<ParamSlot> slots_;

@@ -79,6 +79,10 @@ TEST(Config, ErrorsNameTheKeyAndTheAllowedValues) {
   EXPECT_NE(error_of("model: [1, 2]").find("'model' must be a mapping"), std::string::npos);
   EXPECT_NE(error_of("a: [").find("run.yaml: not valid YAML"), std::string::npos);
   EXPECT_NE(error_of("adapter: {dora: true}").find("DoRA"), std::string::npos);
+  // base_shard is a number of ranks (DESIGN.md §8), 0 for off.
+  EXPECT_NE(error_of("parallel: {base_shard: -1}").find("'parallel.base_shard' must be 0 (off)"),
+            std::string::npos);
+  EXPECT_EQ(launch::parse_config("parallel: {base_shard: 8}", "run.yaml").parallel.base_shard, 8);
   EXPECT_NE(error_of("parallel: {zero: 3}").find("'parallel.zero' must be 0, 1 or 2"),
             std::string::npos);
   EXPECT_NE(error_of("parallel: {dispatch: experts}").find("auto, tokens, weights"),

@@ -88,6 +88,11 @@ TEST_F(DpTrain, InvalidLayoutsAreStartUpErrors) {
   EXPECT_NE(run(mpirun(2) + base + " --set parallel.ep=2 --set adapter.experts=3", dir_.file("log")), 0);
   log = test::read_bytes(dir_.file("log"));
   EXPECT_NE(log.find("3 experts cannot be split over parallel.ep = 2"), std::string::npos) << log;
+  // Every key of the layout is checked at the grid, on every rank, before anything is built.
+  EXPECT_NE(run(mpirun(4) + base + " --set parallel.base_shard=3", dir_.file("log")), 0);
+  log = test::read_bytes(dir_.file("log"));
+  EXPECT_NE(log.find("world size 4 is not divisible by parallel.base_shard = 3"), std::string::npos) << log;
+  EXPECT_EQ(log.find("training examples"), std::string::npos) << "nothing is built before the check";
 }
 
 TEST_F(DpTrain, ConfigThatDiffersBetweenRanksIsRefused) {

@@ -83,7 +83,7 @@ TEST_F(TinyLlamaParity, BaseWeightsAreFrozen) {
   auto model = load();
   ckpt::load_peft_adapter(*model, test::tiny_llama_dir() + "/peft_lora");
   int base = 0;
-  model->for_each_base_parameter([&](const std::string& name, at::Tensor& t) {
+  model->for_each_base_parameter([&](const std::string& name, const at::Tensor& t) {
     EXPECT_FALSE(t.requires_grad()) << name;
     ++base;
   });

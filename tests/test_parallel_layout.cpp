@@ -63,7 +63,7 @@ TEST(ParameterRegistry, GroupsAndHintsComeFromTheModelsRoles) {
   auto model = tiny_model(moe::Method::kMixLora);
   const parallel::ParameterRegistry whole(*model, {4.0, 0.1});
   for (const parallel::ParamSlot& s : whole.slots()) {
-    EXPECT_EQ(s.group, parallel::ReplicaGroup::kWorld) << s.name;
+    EXPECT_EQ(s.group(), parallel::ReplicaGroup::kWorld) << s.name;
     EXPECT_FALSE(s.sharded()) << s.name;
   }
   // Keep experts [2, 4) of every site, as EP rank 1 of 2 does.
@@ -85,12 +85,12 @@ TEST(ParameterRegistry, GroupsAndHintsComeFromTheModelsRoles) {
     lora_b += b;
     if (moe::is_expert_stack(s.role)) {
       ++experts;
-      EXPECT_EQ(s.group, parallel::ReplicaGroup::kExpertData) << s.name;
+      EXPECT_EQ(s.group(), parallel::ReplicaGroup::kExpertData) << s.name;
       EXPECT_EQ(s.global_shape.front(), 4) << s.name;
       EXPECT_EQ(s.tensor.size(0), 2) << s.name;
       EXPECT_EQ(s.first_row, 2) << s.name;
     } else {
-      EXPECT_EQ(s.group, parallel::ReplicaGroup::kWorld) << s.name;
+      EXPECT_EQ(s.group(), parallel::ReplicaGroup::kWorld) << s.name;
       routers += s.role == moe::TensorRole::kRouter;
     }
   }
@@ -127,7 +127,7 @@ TEST(BaseWeights, EveryLayerIsAcquiredAroundItsUse) {
   auto weights = std::make_shared<CountingWeights>();
   auto model = tiny_model(moe::Method::kMixLora, weights);
   std::vector<std::string> base_names;
-  model->for_each_base_parameter([&](const std::string& name, at::Tensor&) { base_names.push_back(name); });
+  model->for_each_base_parameter([&](const std::string& name, const at::Tensor&) { base_names.push_back(name); });
   std::sort(base_names.begin(), base_names.end());
   std::vector<std::string> declared = weights->names;
   std::sort(declared.begin(), declared.end());

@@ -82,6 +82,12 @@ TEST_P(Grid, InvalidLayoutFailsOnEveryRank) {
   EXPECT_ERROR_CONTAINS(
       ProcessGrid(ParallelSizes{2 * n, 1}, comm_),
       "ParallelDims.world = " + std::to_string(2 * n) + " but communicator 'test'");
+  // The other keys, validated at the same sync point.
+  EXPECT_ERROR_CONTAINS(ProcessGrid(ParallelSizes{n, 1, 3}, comm_),
+                        "parallel.zero = 3: allowed values are 0");
+  EXPECT_ERROR_CONTAINS(ProcessGrid(ParallelSizes{n, 1, 0, n + 1}, comm_),
+                        "world size " + std::to_string(n) +
+                            " is not divisible by parallel.base_shard = " + std::to_string(n + 1));
   comm().barrier();
 }
 
