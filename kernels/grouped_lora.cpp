@@ -1,16 +1,26 @@
-// CPU reference grouped LoRA with its own backward (see grouped_lora.h). Composing per-expert
-// `narrow`/`select` views under autograd would make every expert's backward allocate and add a
-// zero tensor of the full [N, I] input and [E, r, I] weight; this function writes each expert's
-// gradient slice in place instead.
+// CPU reference grouped LoRA with its own backward (see grouped_lora.h), and the registration of
+// its CUDA twin (kernels/cuda/grouped_lora_ops.h): CUDA tensors of the dtypes it handles take that
+// when it is built. Composing per-expert `narrow`/`select` views under autograd would make every
+// expert's backward allocate and add a zero tensor of the full [N, I] input and [E, r, I] weight;
+// this function writes each expert's gradient slice in place instead.
 #include "kernels/grouped_lora.h"
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "kernels/check.h"
+#include "kernels/cuda/grouped_lora_ops.h"
 
 namespace mole::kernels {
 namespace {
+
+// Set by kernels/CMakeLists.txt when the CUDA kernels are compiled in. The CUDA wrapper is named
+// only in an `if constexpr` branch that this discards otherwise, so it need not exist then.
+#ifdef MOLE_HAVE_CUDA_KERNELS
+constexpr bool kCudaKernelsBuilt = true;
+#else
+constexpr bool kCudaKernelsBuilt = false;
+#endif
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -73,6 +83,8 @@ class GroupedLoraFunction : public torch::autograd::Function<GroupedLoraFunction
 
 }  // namespace
 
+bool cuda_grouped_lora_kernels_built() { return kCudaKernelsBuilt; }
+
 at::Tensor grouped_lora(const at::Tensor& x_NI, const at::Tensor& a_ErI, const at::Tensor& b_EOr,
                         const std::vector<int64_t>& counts, double scale) {
   MOLE_CHECK(a_ErI.dim() == 3 && b_EOr.dim() == 3 && a_ErI.size(0) == b_EOr.size(0) &&
@@ -93,6 +105,12 @@ at::Tensor grouped_lora(const at::Tensor& x_NI, const at::Tensor& a_ErI, const a
   }
   MOLE_CHECK(total == x_NI.size(0), "grouped_lora: counts sum to ", total, " but x has ",
              x_NI.size(0), " rows");
+  if constexpr (kCudaKernelsBuilt) {
+    // bfloat16 rows stay bfloat16 there: the kernels read them with float32 weights directly.
+    if (cuda_grouped_lora_supports(x_NI, a_ErI, b_EOr)) {
+      return grouped_lora_cuda(x_NI, a_ErI, b_EOr, counts, scale);
+    }
+  }
   at::Tensor x = x_NI.to(a_ErI.scalar_type());
   return GroupedLoraFunction::apply(x, a_ErI, b_EOr, counts, scale)[0].to(x_NI.scalar_type());
 }

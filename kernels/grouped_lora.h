@@ -1,6 +1,7 @@
 // Grouped LoRA: one LoRA per expert applied to that expert's contiguous row segment,
 //   y[rows of e] = scale * (x[rows of e] A_e^T) B_e^T.
-// CPU reference from differentiable ATen ops; a CUDA twin must keep this contract.
+// CPU reference from differentiable ATen ops; CUDA tensors take the CUDA twin
+// (kernels/cuda/grouped_lora_ops.h) when it is built and handles their dtypes.
 //
 // Legend: N rows (grouped by expert), I in features, O out features, E experts, r LoRA rank.
 #pragma once

@@ -125,7 +125,7 @@ void bench_moe(const BenchOptions& o) {
 
 void add_bench_command(CLI::App& app, BenchOptions& o) {
   CLI::App* cmd = app.add_subcommand("bench", "Benchmarks; prints a table and a JSON line");
-  cmd->add_option("what", o.what, "moe (MoE-LoRA layer vs LoRA) or dispatch (expert parallelism, under mpirun)")->required()->check(CLI::IsMember({"moe", "dispatch"}));
+  cmd->add_option("what", o.what, "moe (MoE-LoRA layer vs LoRA), dispatch (expert parallelism, under mpirun), train (whole training steps at a model shape) or kernels (MoE primitives against the copy bandwidth)")->required()->check(CLI::IsMember({"moe", "dispatch", "train", "kernels"}));
   cmd->add_option("--tokens", o.tokens, "tokens per step");
   cmd->add_option("--hidden", o.hidden, "hidden size D");
   cmd->add_option("--intermediate", o.intermediate, "FFN size F");
@@ -133,20 +133,34 @@ void add_bench_command(CLI::App& app, BenchOptions& o) {
   cmd->add_option("--kv-heads", o.kv_heads, "key/value heads");
   cmd->add_option("--experts", o.experts, "experts E");
   cmd->add_option("--top-k", o.top_k, "experts per token K");
-  cmd->add_option("--rank", o.rank, "LoRA rank r");
+  cmd->add_option("--rank,--r", o.rank, "LoRA rank r");
   cmd->add_option("--iters", o.iters, "timed iterations");
   cmd->add_option("--warmup", o.warmup, "untimed iterations first");
   cmd->add_option("--device", o.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
-  cmd->add_option("--dtype", o.dtype, "fp32 or bf16")->check(CLI::IsMember({"fp32", "bf16"}));
+  cmd->add_option("--dtype", o.dtype, "fp32 or bf16 (default: bf16 on cuda, fp32 on cpu)")->check(CLI::IsMember({"fp32", "bf16"}));
+  cmd->add_option("--shape", o.shape, "train: tiny, tinyllama, llama-2-7b or llama-3-8b");
+  cmd->add_option("--method", o.method, "train: lora, mixlora, mola, dynmole or moelora");
+  cmd->add_option("--batch", o.batch, "train: sequences per step");
+  cmd->add_option("--seq", o.seq, "train: tokens per sequence");
+  cmd->add_option("--layers", o.layers, "train: keep the first N decoder layers (0: all)");
+  cmd->add_option("--seed", o.seed, "train, kernels: seed of the weights, the tokens and the forward draws");
+  cmd->add_option("--peak-tflops", o.peak_tflops, "train: the device's dense peak for MFU (default 989 on cuda)");
+  cmd->add_flag("--json", o.json, "train, kernels: print only the JSON line");
   cmd->add_option("--site", o.site, "dispatch: linear or ffn")->check(CLI::IsMember({"linear", "ffn"}));
   cmd->add_option("--backend", o.backend, "dispatch: auto, mpi, gloo or nccl");
 }
 
-void run_bench(const BenchOptions& o) {
+void run_bench(const BenchOptions& options) {
+  BenchOptions o = options;
   MOLE_CHECK(o.iters > 0 && o.warmup >= 0 && o.tokens > 1, "bench: need --iters > 0, --warmup >= 0, --tokens > 1");
   MOLE_CHECK(o.device != "cuda" || at::hasCUDA(), "bench: --device cuda but no CUDA device is usable");
+  if (o.dtype.empty()) o.dtype = o.device == "cuda" && o.what != "moe" ? "bf16" : "fp32";
+  MOLE_CHECK(o.what != "train" || o.dtype != "bf16" || o.device == "cuda",
+             "bench train: --dtype bf16 is for --device cuda (on a CPU mole trains in fp32)");
   if (o.what == "moe") bench_moe(o);
   if (o.what == "dispatch") bench_dispatch(o);
+  if (o.what == "train") bench_train(o);
+  if (o.what == "kernels") bench_kernels(o);
 }
 
 }  // namespace mole::launch

@@ -3,10 +3,18 @@
 //             methods at the same base.
 //   dispatch: one MoE site under expert parallelism (run under mpirun, world = EP): time per step
 //             and bytes moved in token and weight mode, and the mode `auto` picks.
+//   train:    whole training steps (forward, backward, clipping, AdamW) of a random-initialised
+//             model at a real shape (--shape) with the adapter `mole train` builds for --method:
+//             step time, tokens/s, peak memory (the CUDA allocator's on a GPU, else the host's
+//             resident set) and MFU. On a CPU use --shape tiny or --layers.
+//   kernels:  the MoE primitives of one MixLoRA FFN site (permute, combine, grouped LoRA forward
+//             and backward) at --tokens/--hidden/--intermediate, in GB/s against a device copy.
 #pragma once
 
 #include <cstdint>
 #include <string>
+
+#include "moe/model_config.h"
 
 namespace CLI {
 class App;
@@ -27,7 +35,16 @@ struct BenchOptions {
   int64_t iters = 5;
   int64_t warmup = 2;
   std::string device = "cpu";
-  std::string dtype = "fp32";
+  std::string dtype;  // empty: bf16 on cuda, fp32 on cpu
+  // train
+  std::string shape = "tiny";  // a model preset (moe/model_presets.h)
+  std::string method = "mixlora";
+  int64_t batch = 4;
+  int64_t seq = 512;
+  int64_t layers = 0;  // 0: every layer of the shape
+  uint64_t seed = 42;
+  double peak_tflops = 0.0;  // MFU denominator; 0: 989 (H100/H200 dense bf16) on cuda, none on cpu
+  bool json = false;         // only the JSON line
   std::string site = "linear";   // dispatch: linear (routed LoRA deltas) or ffn (MixLoRA block)
   std::string backend = "auto";  // dispatch: communicator backend
 };
@@ -36,5 +53,12 @@ void add_bench_command(CLI::App& app, BenchOptions& options);
 void run_bench(const BenchOptions& options);
 // Under mpirun; collective over every rank (bench_dispatch.cpp).
 void bench_dispatch(const BenchOptions& options);
+// One process (bench_train.cpp).
+void bench_train(const BenchOptions& options);
+// One process (bench_kernels.cpp).
+void bench_kernels(const BenchOptions& options);
+// Model FLOPs per token of a frozen-base LoRA training step at sequence length `seq` (the MFU
+// numerator): 4 P for the base matrix products (forward and input gradients) plus attention.
+double bench_train_model_flops_per_token(const moe::ModelConfig& model, int64_t seq);
 
 }  // namespace mole::launch

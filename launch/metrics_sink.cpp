@@ -3,7 +3,6 @@
 
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
-#include <sys/resource.h>
 
 #include <algorithm>
 #include <cmath>
@@ -12,18 +11,13 @@
 #include <numeric>
 
 #include "kernels/check.h"
+#include "launch/memory_stats.h"
 #include "launch/metrics_log.h"
 
 namespace mole::launch {
 namespace {
 
 namespace fs = std::filesystem;
-
-double peak_memory_mib() {
-  struct rusage usage;
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<double>(usage.ru_maxrss) / 1024.0;
-}
 
 std::string format_duration(double seconds) {
   const int64_t s = static_cast<int64_t>(std::max(0.0, seconds));
@@ -78,12 +72,17 @@ void MetricsSink::log_step(int64_t done, const StepResult& r, double elapsed) {
   const double tps = window > 0 ? static_cast<double>(window_tokens_) / window : 0.0;
   const double eta = elapsed / static_cast<double>(steps_seen_) * static_cast<double>(total - done);
   if (tty_) std::printf("\r%s\r", std::string(80, ' ').c_str());
-  spdlog::info("step {}/{} | loss {:.4f} | aux {:.4f} | lr {:.2e} | grad {:.3f} | {:.0f} tok/s | eta {} | mem {:.0f} MiB{}",
+  // On CUDA also the caching allocator's peak on the device since the start of the run.
+  const int64_t gpu_bytes = peak_cuda_allocated_bytes();
+  const double gpu_gib = static_cast<double>(gpu_bytes) / (1024.0 * 1024.0 * 1024.0);
+  const std::string gpu = gpu_bytes >= 0 ? fmt::format(" | gpu {:.2f} GiB", gpu_gib) : "";
+  spdlog::info("step {}/{} | loss {:.4f} | aux {:.4f} | lr {:.2e} | grad {:.3f} | {:.0f} tok/s | eta {} | mem {:.0f} MiB{}{}",
                done, total, r.loss, r.aux_loss, r.lr, r.grad_norm, tps, format_duration(eta),
-               peak_memory_mib(), r.skipped ? " | skipped" : "");
+               peak_host_mib(), gpu, r.skipped ? " | skipped" : "");
   nlohmann::json line = {{"step", done}, {"loss", r.loss}, {"lr", r.lr}, {"grad_norm", r.grad_norm},
-                         {"tokens_per_s", tps}, {"peak_mem_mib", peak_memory_mib()},
+                         {"tokens_per_s", tps}, {"peak_mem_mib", peak_host_mib()},
                          {"skipped", r.skipped}, {"elapsed_s", elapsed}};
+  if (gpu_bytes >= 0) line["peak_gpu_gib"] = gpu_gib;
   if (moe_) {
     line["aux_loss"] = r.aux_loss;
     for (const auto& [name, value] : r.aux_parts) line[name] = value;

@@ -15,6 +15,7 @@
 #include "kernels/check.h"
 #include "moe/allocation.h"
 #include "moe/expert_shard.h"
+#include "moe/model_presets.h"
 #include "moe/precision.h"
 #include "moe/random.h"
 #include "parallel/dispatch_plan.h"
@@ -79,32 +80,6 @@ moe::AuxLossOptions aux_options(const Config& c, const moe::AdapterSpec& spec) {
   return aux;
 }
 
-moe::AdapterSpec adapter_spec(const Config& c, int64_t num_layers) {
-  const AdapterSection& a = c.adapter;
-  moe::AdapterSpec spec;
-  spec.method = moe::parse_method(a.method);
-  spec.lora = {a.r, a.alpha, a.rslora, a.dropout};
-  spec.expert_lora = spec.lora;
-  spec.target_modules = a.target_modules;
-  spec.router_init_range = a.router_init_range;
-  if (spec.is_moe()) {
-    if (!a.experts_list.empty()) spec.experts_per_layer = moe::list_allocation(a.experts_list, num_layers);
-    else if (!a.experts_pattern.empty()) spec.experts_per_layer = moe::pattern_allocation(a.experts_pattern, num_layers);
-    else spec.experts_per_layer = moe::uniform_allocation(a.experts, num_layers);
-  }
-  spec.router = router_options(c, spec.method);
-  spec.aux = aux_options(c, spec);
-  return spec;
-}
-
-at::TensorOptions model_options(const Config& c) {
-  return at::TensorOptions()
-      .dtype(c.model.dtype == "bf16"   ? at::kBFloat16
-             : c.model.dtype == "fp64" ? at::kDouble
-                                       : at::kFloat)
-      .device(model_device(c));
-}
-
 // Chooses each site's dispatch mode, logs it, and keeps this rank's experts.
 void setup_expert_parallel(RunParts& run) {
   const Config& c = run.config;
@@ -147,6 +122,32 @@ void load_data(RunParts& run) {
 
 }  // namespace
 
+moe::AdapterSpec adapter_spec(const Config& c, int64_t num_layers) {
+  const AdapterSection& a = c.adapter;
+  moe::AdapterSpec spec;
+  spec.method = moe::parse_method(a.method);
+  spec.lora = {a.r, a.alpha, a.rslora, a.dropout};
+  spec.expert_lora = spec.lora;
+  spec.target_modules = a.target_modules;
+  spec.router_init_range = a.router_init_range;
+  if (spec.is_moe()) {
+    if (!a.experts_list.empty()) spec.experts_per_layer = moe::list_allocation(a.experts_list, num_layers);
+    else if (!a.experts_pattern.empty()) spec.experts_per_layer = moe::pattern_allocation(a.experts_pattern, num_layers);
+    else spec.experts_per_layer = moe::uniform_allocation(a.experts, num_layers);
+  }
+  spec.router = router_options(c, spec.method);
+  spec.aux = aux_options(c, spec);
+  return spec;
+}
+
+at::TensorOptions model_options(const Config& c) {
+  return at::TensorOptions()
+      .dtype(c.model.dtype == "bf16"   ? at::kBFloat16
+             : c.model.dtype == "fp64" ? at::kDouble
+                                       : at::kFloat)
+      .device(model_device(c));
+}
+
 RunParts::RunParts() = default;
 RunParts::~RunParts() = default;
 RunParts::RunParts(RunParts&&) noexcept = default;
@@ -162,20 +163,6 @@ uint64_t forward_seed(uint64_t seed, int rank) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
-}
-
-moe::ModelConfig synthetic_tiny_config(int64_t vocab) {
-  moe::ModelConfig c;
-  c.vocab_size = vocab;
-  c.hidden_size = 128;
-  c.intermediate_size = 344;
-  c.num_layers = 4;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 32;
-  c.rms_norm_eps = 1e-5;
-  c.max_position_embeddings = 1024;
-  return c;
 }
 
 RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid) {
@@ -195,7 +182,7 @@ RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid) {
 
   const at::TensorOptions options = model_options(c);
   if (run.synthetic_base()) {
-    run.model = std::make_unique<moe::CausalLM>(synthetic_tiny_config(run.tokenizer->vocab_size()), options);
+    run.model = std::make_unique<moe::CausalLM>(moe::tiny_model_config(run.tokenizer->vocab_size()), options);
     run.model->init_base_random(init_gen);
   } else {
     run.model = ckpt::load_model(c.model.base, options);

@@ -54,12 +54,14 @@ struct RunParts {
 // parts may need it).
 RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid);
 
+// The adapter `c.adapter` describes for a model of `num_layers` layers (the allocation of experts
+// resolved, router and auxiliary-loss options by method).
+moe::AdapterSpec adapter_spec(const Config& c, int64_t num_layers);
+// The model's dtype and device from `c.model` (GPU ranks bind to their node-local device).
+at::TensorOptions model_options(const Config& c);
+
 // The seed of the stream of forward-pass draws (dropout, jitter) of `rank` in a run seeded with
 // `seed`: distinct per rank, and distinct from the seed of the weight initialisation.
 uint64_t forward_seed(uint64_t seed, int rank);
-
-// The built-in synthetic base: a small LLaMA-architecture model with `vocab` entries, weights
-// drawn deterministically from `seed`.
-moe::ModelConfig synthetic_tiny_config(int64_t vocab);
 
 }  // namespace mole::launch

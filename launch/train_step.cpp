@@ -4,7 +4,9 @@
 #include <ATen/ATen.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "dist/communicator.h"
 #include "kernels/check.h"
@@ -50,13 +52,19 @@ StepResult accumulate_gradients(RunParts& run, const StepCounters& counters) {
   MOLE_CHECK(batch.global_target_tokens > 0, "step ", counters.step,
              ": the global batch has no target tokens");
   const double accumulation = static_cast<double>(batch.micro_batches.size());
-  const at::Device device = run.model->options().device();
   const moe::SumOverRanks over_ranks = sum_over_ranks(run);
-  for (const MicroBatch& mb : batch.micro_batches) {
+  // The values to log stay on the device until every micro-batch has run its backward, then come
+  // to the host in one read (on a GPU the queue is not drained once per micro-batch).
+  const char* const part_names[] = {"load_balance", "z_loss", "entropy_loss", "contrastive_loss"};
+  std::vector<at::Tensor> values;  // per micro-batch: lm, aux total, then the defined parts
+  std::vector<std::vector<const char*>> parts_of(batch.micro_batches.size());
+  std::vector<std::vector<std::pair<std::string, at::Tensor>>> loads_of(batch.micro_batches.size());
+  for (size_t m = 0; m < batch.micro_batches.size(); ++m) {
+    const MicroBatch& mb = batch.micro_batches[m];
     moe::ForwardContext ctx;
     ctx.training = true;
     ctx.generator = run.forward_gen;
-    ctx.valid_T = mb.valid_BS.reshape({-1}).to(device);
+    ctx.valid_T = mb.valid_BS.reshape({-1});  // on the host: the sites count it there
     ctx.dispatcher = run.moe_dispatcher();
     at::Tensor logits = run.model->forward(mb.input_ids_BS, ctx);
     moe::LossSum ls = moe::causal_lm_loss_sum(logits, mb.labels_BS);
@@ -64,16 +72,35 @@ StepResult accumulate_gradients(RunParts& run, const StepCounters& counters) {
     at::Tensor lm = ls.sum / static_cast<double>(batch.global_target_tokens);
     moe::AuxLosses aux = moe::aux_losses(ctx, run.spec.aux, over_ranks);
     (lm + aux.total / accumulation).backward();
-    r.loss += lm.item<double>();
-    r.aux_loss += aux.total.item<double>() / accumulation;
-    r.tokens += mb.valid_BS.sum().item<int64_t>();
-    const std::pair<const char*, const at::Tensor*> parts[] = {
-        {"load_balance", &aux.load_balance}, {"z_loss", &aux.z_loss},
-        {"entropy_loss", &aux.entropy}, {"contrastive_loss", &aux.contrastive}};
-    for (const auto& [name, t] : parts) {
-      if (t->defined()) r.aux_parts[name] += t->item<double>() / accumulation;
+    values.push_back(lm.detach().to(at::kDouble).reshape({1}));
+    values.push_back(aux.total.detach().to(at::kDouble).reshape({1}));
+    const at::Tensor* parts[] = {&aux.load_balance, &aux.z_loss, &aux.entropy, &aux.contrastive};
+    for (size_t k = 0; k < 4; ++k) {
+      if (!parts[k]->defined()) continue;
+      parts_of[m].push_back(part_names[k]);
+      values.push_back(parts[k]->detach().to(at::kDouble).reshape({1}));
     }
-    add_loads(r.expert_loads, moe::expert_loads(ctx));
+    for (const moe::SiteRecord& site : ctx.sites) {
+      // The fraction of the site's routed pairs each expert received.
+      const double total = std::max<double>(1.0, static_cast<double>(site.stats.num_pairs));
+      loads_of[m].emplace_back(site.site, site.stats.pairs_E.detach().to(at::kDouble) / total);
+      values.push_back(loads_of[m].back().second.reshape({-1}));
+    }
+    r.tokens += mb.valid_BS.sum().item<int64_t>();  // a host tensor
+  }
+  // One device -> host read for the whole step, in the order the values were made.
+  const at::Tensor host = at::cat(at::TensorList(values)).to(at::kCPU).contiguous();
+  const double* v = host.data_ptr<double>();
+  for (size_t m = 0; m < batch.micro_batches.size(); ++m) {
+    r.loss += *v++;
+    r.aux_loss += *v++ / accumulation;
+    for (const char* name : parts_of[m]) r.aux_parts[name] += *v++ / accumulation;
+    std::vector<std::pair<std::string, std::vector<double>>> loads;
+    for (const auto& [site, load_E] : loads_of[m]) {
+      loads.emplace_back(site, std::vector<double>(v, v + load_E.numel()));
+      v += load_E.numel();
+    }
+    add_loads(r.expert_loads, loads);
   }
   for (auto& [site, loads] : r.expert_loads) {
     for (double& l : loads) l /= accumulation;

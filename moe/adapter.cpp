@@ -214,17 +214,4 @@ AuxLosses aux_losses(const ForwardContext& ctx, const AuxLossOptions& options,
   return out;
 }
 
-std::vector<std::pair<std::string, std::vector<double>>> expert_loads(const ForwardContext& ctx) {
-  std::vector<std::pair<std::string, std::vector<double>>> out;
-  for (const SiteRecord& site : ctx.sites) {
-    // Device -> host copy of E numbers per site.
-    at::Tensor pairs = site.stats.pairs_E.detach().to(at::kCPU, at::kDouble);
-    const double total = std::max<double>(1.0, static_cast<double>(site.stats.num_pairs));
-    std::vector<double> loads(static_cast<size_t>(pairs.size(0)));
-    for (int64_t e = 0; e < pairs.size(0); ++e) loads[static_cast<size_t>(e)] = pairs[e].item<double>() / total;
-    out.emplace_back(site.site, std::move(loads));
-  }
-  return out;
-}
-
 }  // namespace mole::moe

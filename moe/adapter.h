@@ -76,7 +76,4 @@ using SumOverRanks = std::function<at::Tensor(const at::Tensor&)>;
 AuxLosses aux_losses(const ForwardContext& ctx, const AuxLossOptions& options,
                      const SumOverRanks& sum_over_ranks = {});
 
-// Fraction of routed pairs per expert for each site of the last forward: site name -> loads.
-std::vector<std::pair<std::string, std::vector<double>>> expert_loads(const ForwardContext& ctx);
-
 }  // namespace mole::moe

@@ -58,7 +58,8 @@ RouterStats router_stats(const RouterOutput& out, const at::Tensor& valid_T, dou
     MOLE_CHECK(valid_T.dim() == 1 && valid_T.size(0) == num_tokens,
                "router stats: valid_T must be [", num_tokens, "] (one flag per token), got ",
                valid_T.sizes());
-    valid_bool_T = valid_T.to(probs_TE.device(), at::kBool);
+    // Flags on the host (training batches) go over without waiting for the device's queue.
+    valid_bool_T = valid_T.to(probs_TE.device(), at::kBool, /*non_blocking=*/true);
   } else {
     valid_bool_T = at::ones({num_tokens}, probs_TE.options().dtype(at::kBool));
   }
@@ -74,9 +75,14 @@ RouterStats router_stats(const RouterOutput& out, const at::Tensor& valid_T, dou
   stats.z_sum = at::where(valid_bool_T, log_z_T * log_z_T, zeros_T).sum();
   stats.entropy_sum =
       at::where(valid_bool_T, normalized_tsallis_entropy(probs_TE, entropy_q), zeros_T).sum();
-  // Two device -> host syncs: the counts are host integers.
-  stats.num_tokens = valid_bool_T.sum().item<int64_t>();
-  stats.num_pairs = valid_N.sum().item<int64_t>();
+  // The counts are host integers: the token count comes from the flags where they are (no sync
+  // for flags on the host or no flags at all); the pair count follows from it when every token
+  // has the same number of pairs (top-k, dense), else it is one device -> host sync.
+  stats.num_tokens = !valid_T.defined() ? num_tokens
+                     : valid_T.is_cpu() ? valid_T.to(at::kBool).sum().item<int64_t>()
+                                        : valid_bool_T.sum().item<int64_t>();
+  stats.num_pairs = routing.pairs_per_token > 0 ? stats.num_tokens * routing.pairs_per_token
+                                                : valid_N.sum().item<int64_t>();
   return stats;
 }
 

@@ -45,7 +45,9 @@ struct ForwardContext {
   // Every random draw of the pass (LoRA dropout, router jitter) comes from this generator, on the
   // model's device. A training pass that needs a draw and has none is an error.
   std::optional<at::Generator> generator;
-  at::Tensor valid_T;  // bool, flattened tokens that count for router statistics (all if undefined)
+  // bool, flattened tokens that count for router statistics (all if undefined). Best kept on
+  // the host: the sites then count it without a device -> host sync.
+  at::Tensor valid_T;
   // How sites reach experts held by other ranks; null: every expert is local.
   const Dispatcher* dispatcher = nullptr;
   // How decoder layers are run; null: directly.

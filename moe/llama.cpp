@@ -160,7 +160,9 @@ void CausalLM::init_base_random(const at::Generator& gen) {
   for_each_base_parameter([&](const std::string& name, const at::Tensor& param) {
     // float32 draws (float64 for a float64 model: its values then do not depend on the CPU's
     // vectorised float32 normal sampler).
-    at::Tensor value = at::empty(param.sizes(), param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+    at::Tensor value = at::empty(param.sizes(),
+                                 at::TensorOptions(param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)
+                                     .device(gen.device()));
     const bool is_norm = name.find("norm.weight") != std::string::npos;
     const bool is_bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
     if (is_norm) value.fill_(1.0);
@@ -271,7 +273,8 @@ at::Tensor CausalLM::forward(const at::Tensor& input_ids_BS) const {
 at::Tensor CausalLM::forward(const at::Tensor& input_ids_BS, ForwardContext& ctx) const {
   check_tokens(input_ids_BS, at::Tensor(), config_.vocab_size);
   const int64_t S = input_ids_BS.size(1);
-  at::Tensor ids = input_ids_BS.to(options_.device());
+  // Host ids (checked above on the host) go over without waiting for the device's queue.
+  at::Tensor ids = input_ids_BS.to(options_.device(), /*non_blocking=*/true);
   RopeTables rope = rope_tables(inv_freq_, S, options_.device());
   at::Tensor mask_SS;  // undefined: plain causal attention
   if (config_.sliding_window && S > *config_.sliding_window) {
@@ -307,11 +310,13 @@ LossSum causal_lm_loss_sum(const at::Tensor& logits_BSV, const at::Tensor& label
              "logits ", logits_BSV.sizes(), " and labels ", labels_BS.sizes(), " do not match");
   const int64_t V = logits_BSV.size(2);
   const int64_t S = logits_BSV.size(1);
-  at::Tensor targets = labels_BS.narrow(1, 1, S - 1).reshape({-1}).to(logits_BSV.device());
+  at::Tensor shifted = labels_BS.narrow(1, 1, S - 1).reshape({-1});
+  // The count of target tokens, from the labels where they are: no device -> host sync for
+  // labels on the host (training batches); one for labels on the device.
+  const int64_t num_tokens = (shifted != -100).sum().item<int64_t>();
+  at::Tensor targets = shifted.to(logits_BSV.device(), /*non_blocking=*/true);
   at::Tensor logits = logits_BSV.narrow(1, 0, S - 1).reshape({-1, V}).to(adapter_dtype(logits_BSV.scalar_type()));
   at::Tensor sum = at::cross_entropy_loss(logits, targets, {}, at::Reduction::Sum, -100);
-  // Device -> host sync: the count of target tokens.
-  const int64_t num_tokens = (targets != -100).sum().item<int64_t>();
   return {sum, num_tokens};
 }
 

@@ -142,7 +142,8 @@ class CausalLM {
   // Fills the frozen base deterministically from `gen` (synthetic models and benchmarks):
   // embeddings N(0, 1), linear weights and the LM head N(0, 1/in_features) so activations and
   // logits stay O(1) (a random head of std 0.02 could not express a confident prediction through
-  // the final RMSNorm), biases zero, norm weights one.
+  // the final RMSNorm), biases zero, norm weights one. The draws run on `gen`'s device (a CUDA
+  // generator fills a large base on the GPU without a host copy).
   void init_base_random(const at::Generator& gen);
 
   // Attach freshly initialised LoRA to the linears whose short name (q_proj, ...) is listed.

@@ -30,11 +30,12 @@ at::Tensor LoraLinear::forward_base(const at::Tensor& x_NI) const {
 at::Tensor LoraLinear::lora_delta(const at::Tensor& x_NI, bool training,
                                   const std::optional<at::Generator>& gen) const {
   const LoraWeights& lora = *lora_;
-  at::Tensor x = x_NI.to(lora.a_rI.scalar_type());
+  const at::ScalarType dtype = lora_compute_dtype(x_NI.scalar_type(), lora.a_rI.scalar_type());
+  at::Tensor x = x_NI.to(dtype);
   if (training && lora.dropout > 0.0) {
     x = dropout(x, lora.dropout, require_generator(gen, "LoRA dropout"));
   }
-  return at::linear(at::linear(x, lora.a_rI), lora.b_Or).mul(lora.scale);
+  return at::linear(at::linear(x, lora.a_rI.to(dtype)), lora.b_Or.to(dtype)).mul(lora.scale);
 }
 
 at::Tensor LoraLinear::forward(const at::Tensor& x_NI, bool training,

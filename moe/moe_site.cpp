@@ -9,6 +9,7 @@
 #include "kernels/grouped_lora.h"
 #include "kernels/permute.h"
 #include "moe/aux_losses.h"
+#include "moe/precision.h"
 #include "moe/random.h"
 
 namespace mole::moe {
@@ -19,10 +20,11 @@ at::Tensor trainable_copy(const at::Tensor& t, const at::TensorOptions& options)
 }
 
 // Dropout on the LoRA input of every routed row in training, from the pass's generator (each
-// (token, expert) pair draws its own mask, as calling each expert separately would).
-at::Tensor lora_input(const at::Tensor& rows, at::ScalarType dtype, double p,
+// (token, expert) pair draws its own mask, as calling each expert separately would). bf16 rows
+// stay bf16: grouped_lora reads them with the float32 weights (lora_compute_dtype).
+at::Tensor lora_input(const at::Tensor& rows, at::ScalarType weight_dtype, double p,
                       const ForwardContext& ctx) {
-  at::Tensor x = rows.to(dtype);
+  at::Tensor x = rows.to(lora_compute_dtype(rows.scalar_type(), weight_dtype));
   if (!ctx.training || p == 0.0) return x;
   return dropout(x, p, require_generator(ctx.generator, "expert LoRA dropout"));
 }

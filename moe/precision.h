@@ -12,4 +12,15 @@ inline c10::ScalarType adapter_dtype(c10::ScalarType model_dtype) {
                                                 : c10::ScalarType::Float;
 }
 
+// The dtype LoRA products run in when activations of `activation_dtype` meet adapter weights of
+// `weight_dtype`: reduced-precision activations (bf16 on CUDA) keep their dtype and the float32
+// master weights are cast to it (as autocast does: tensor-core products with float32
+// accumulation, no float32 copy of the activations); otherwise the weights' dtype.
+inline c10::ScalarType lora_compute_dtype(c10::ScalarType activation_dtype,
+                                          c10::ScalarType weight_dtype) {
+  const bool reduced = activation_dtype == c10::ScalarType::BFloat16 ||
+                       activation_dtype == c10::ScalarType::Half;
+  return reduced ? activation_dtype : weight_dtype;
+}
+
 }  // namespace mole::moe

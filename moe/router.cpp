@@ -1,6 +1,8 @@
 // Routers (see router.h). Selection works on experts sorted per token by descending logit (the
 // same order as descending probability); a boolean keep mask over those sorted positions turns
 // into (token, expert, weight) pairs that are token-major and in descending probability.
+// CUDA float32 logits of every strategy but switch take the fused kernels of
+// kernels/cuda/router_ops.h when they are built; everything else takes the ATen path below.
 #include "moe/router.h"
 
 #include <ATen/ATen.h>
@@ -10,6 +12,7 @@
 #include <tuple>
 
 #include "kernels/check.h"
+#include "kernels/cuda/router_ops.h"
 #include "moe/precision.h"
 #include "moe/random.h"
 
@@ -173,6 +176,31 @@ Routing route_switch(const at::Tensor& order_TE, const at::Tensor& sorted_p_TE,
   return routing;
 }
 
+// The fused CUDA router's rule for `options`; switch has none (its capacity is filled in token
+// order, which the per-token kernels do not see).
+std::optional<kernels::RouterSelect> fused_select(const RouterOptions& options) {
+  kernels::RouterSelect select;
+  switch (options.strategy) {
+    case RoutingStrategy::kTopK: select.rule = kernels::RouterRule::kTopK; break;
+    case RoutingStrategy::kTopP: select.rule = kernels::RouterRule::kTopP; break;
+    case RoutingStrategy::kDynMole: select.rule = kernels::RouterRule::kDynMole; break;
+    case RoutingStrategy::kDense: select.rule = kernels::RouterRule::kDense; break;
+    case RoutingStrategy::kSwitch: return std::nullopt;
+  }
+  select.top_k = options.top_k;
+  select.top_p = options.top_p;
+  select.entropy_q = options.entropy_q;
+  select.entropy_threshold = options.entropy_threshold;
+  select.keep_top_k = options.keep_top_k;
+  return select;
+}
+
+int64_t fixed_pairs_per_token(const RouterOptions& options, int64_t num_experts) {
+  if (options.strategy == RoutingStrategy::kTopK) return options.top_k;
+  if (options.strategy == RoutingStrategy::kDense) return num_experts;
+  return 0;
+}
+
 }  // namespace
 
 RouterOutput route(const at::Tensor& logits_TE, const RouterOptions& options) {
@@ -185,6 +213,19 @@ RouterOutput route(const at::Tensor& logits_TE, const RouterOptions& options) {
 
   RouterOutput out;
   out.logits_TE = logits_TE.to(adapter_dtype(logits_TE.scalar_type()));
+  const std::optional<kernels::RouterSelect> select = fused_select(options);
+  if (select && kernels::cuda_router_kernels_built() &&
+      kernels::cuda_router_supports(out.logits_TE)) {
+    kernels::FusedRouting fused = kernels::route_cuda(out.logits_TE, *select);
+    out.probs_TE = fused.probs_TE;
+    out.routing.token_N = fused.token_N;
+    out.routing.expert_N = fused.expert_N;
+    out.routing.weight_N = fused.weight_N;
+    out.routing.num_tokens = num_tokens;
+    out.routing.num_experts = num_experts;
+    out.routing.pairs_per_token = fixed_pairs_per_token(options, num_experts);
+    return out;
+  }
   out.probs_TE = at::softmax(out.logits_TE, 1);
   // Sorting the logits rather than the probabilities: equal logits are exact ties, whereas
   // softmax may round equal inputs differently (vectorised body vs scalar tail). The stable
@@ -223,6 +264,7 @@ RouterOutput route(const at::Tensor& logits_TE, const RouterOptions& options) {
   }
   out.routing.num_tokens = num_tokens;
   out.routing.num_experts = num_experts;
+  out.routing.pairs_per_token = fixed_pairs_per_token(options, num_experts);
   return out;
 }
 

@@ -44,6 +44,9 @@ struct Routing {
   at::Tensor weight_N;  // float32, differentiable with respect to the router logits
   int64_t num_tokens = 0;
   int64_t num_experts = 0;
+  // Every token has exactly this many pairs (top-k: K, dense: E), known on the host; 0 when the
+  // count varies per token (top-p, switch, dynmole).
+  int64_t pairs_per_token = 0;
 };
 
 struct RouterOutput {
@@ -66,6 +69,10 @@ at::Tensor router_logits(const at::Tensor& x_TD, const at::Tensor& weight_ED, do
 //   dynmole: normalised Tsallis entropy S_q(p) > threshold: every expert with weight p;
 //            otherwise the union of the top-p set and the top keep_top_k, weights p;
 //   dense:   every expert with weight p.
+// CUDA float32 logits with E <= 64 and a strategy other than switch take the fused kernels of
+// kernels/cuda/router_ops.h when they are built: the same pairs (unless a top-p sum or an entropy
+// lies within float32 rounding of its threshold), probabilities and weights within float32
+// rounding; one device-to-host copy (the pair count) for topp and dynmole, none otherwise.
 RouterOutput route(const at::Tensor& logits_TE, const RouterOptions& options);
 
 // Normalised Tsallis entropy per token: (1 - sum p^q)/(q - 1) divided by its maximum

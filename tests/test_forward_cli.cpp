@@ -3,10 +3,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
-#include <array>
 #include <cstdio>
 #include <filesystem>
-#include <sys/wait.h>
 
 #include "checkpoint/safetensors.h"
 #include "kernels/check.h"
@@ -17,22 +15,10 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct RunResult {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr together
-};
+using RunResult = test::CommandResult;
 
 RunResult run_mole(const std::string& args) {
-  RunResult result;
-  const std::string cmd = std::string(MOLE_BINARY) + " " + args + " 2>&1";
-  FILE* pipe = popen(cmd.c_str(), "r");
-  if (!pipe) return result;
-  std::array<char, 4096> buffer;
-  size_t n;
-  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0) result.output.append(buffer.data(), n);
-  int status = pclose(pipe);
-  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
+  return test::run_command(std::string(MOLE_BINARY) + " " + args);
 }
 
 class ForwardCli : public ::testing::Test {

@@ -15,6 +15,7 @@
 #include "kernels/check.h"
 #include "launch/run_parts.h"
 #include "moe/adapter.h"
+#include "moe/model_presets.h"
 #include "moe/random.h"
 #include "parallel/parallel_dims.h"
 #include "parallel/parameter_registry.h"
@@ -47,7 +48,7 @@ TEST(ParallelDims, EveryKeyIsValidatedOnConstruction) {
 
 std::unique_ptr<moe::CausalLM> tiny_model(moe::Method method,
                                           std::shared_ptr<moe::BaseWeights> weights = nullptr) {
-  auto model = std::make_unique<moe::CausalLM>(launch::synthetic_tiny_config(64),
+  auto model = std::make_unique<moe::CausalLM>(moe::tiny_model_config(64),
                                                at::TensorOptions(at::kFloat), std::move(weights));
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(3);
   model->init_base_random(gen);

@@ -36,6 +36,14 @@ class TempDir {
   std::string path_;
 };
 
+// Runs a shell command; its exit code (-1 if it did not exit normally) and its stdout and stderr
+// together.
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;
+};
+CommandResult run_command(const std::string& command);
+
 // Writes `bytes` to `path` (binary).
 void write_bytes(const std::string& path, const std::string& bytes);
 std::string read_bytes(const std::string& path);

@@ -18,6 +18,7 @@
 
 #include "kernels/check.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/ops_util.h"
 #include "kernels/cuda/permute_kernels.h"
 
 namespace mole::kernels {
@@ -26,45 +27,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr cudaStream_t kDefaultStream = nullptr;  // the legacy default stream; see above
-
-// Makes `device` current in the CUDA runtime that these kernels link, for the scope of a launch.
-// Not c10::DeviceGuard: a LibTorch that bundles its own CUDA runtime keeps its current device
-// there, invisible to ours.
-class CurrentDevice {
- public:
-  explicit CurrentDevice(at::Device device) : target_(static_cast<int>(device.index())) {
-    MOLE_CUDA_CHECK(cudaGetDevice(&previous_), ::mole::detail::cat("permute (CUDA) on ", device));
-    if (previous_ != target_) {
-      MOLE_CUDA_CHECK(cudaSetDevice(target_), ::mole::detail::cat("permute (CUDA) on ", device));
-    }
-  }
-  ~CurrentDevice() {
-    if (previous_ != target_) cudaSetDevice(previous_);  // best effort: destructors do not throw
-  }
-  CurrentDevice(const CurrentDevice&) = delete;
-  CurrentDevice& operator=(const CurrentDevice&) = delete;
-
- private:
-  int target_;
-  int previous_ = 0;
-};
-
 bool is_row_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16;
-}
-
-cuda::RowType row_type(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return cuda::RowType::kFloat32;
-    case at::kDouble:
-      return cuda::RowType::kFloat64;
-    case at::kBFloat16:
-      return cuda::RowType::kBFloat16;
-    default:
-      MOLE_FAIL("permute (CUDA): rows must be float32, float64 or bfloat16, got ", dtype);
-  }
 }
 
 // The kernels' accumulation type: float64 for float64 rows, float32 otherwise.
@@ -96,10 +60,11 @@ void launch_gather(const at::Tensor& x_TD, const at::Tensor& token_N, const at::
     check_operand("gather_rows", "scale", scale_N, {num_rows}, acc_dtype(dtype), device);
   }
   check_operand("gather_rows", "out", out_ND, {num_rows, dim}, dtype, device);
-  CurrentDevice current(device);
-  MOLE_CUDA_CHECK(cuda::gather_rows(row_type(dtype), x_TD.data_ptr(), token_N.data_ptr<int64_t>(),
+  cuda::CurrentDevice current(device, "permute");
+  MOLE_CUDA_CHECK(cuda::gather_rows(cuda::element_type(dtype, "permute"), x_TD.data_ptr(),
+                                    token_N.data_ptr<int64_t>(),
                                     scale_N.defined() ? scale_N.data_ptr() : nullptr,
-                                    out_ND.data_ptr(), num_rows, dim, kDefaultStream),
+                                    out_ND.data_ptr(), num_rows, dim, cuda::kDefaultStream),
                   ::mole::detail::cat("gather_rows on ", device));
 }
 
@@ -135,13 +100,13 @@ void launch_combine(const at::Tensor& rows_ND, const at::Tensor& inverse_N,
     check_operand("combine_rows", "weight", weight_N, {num_rows}, acc_dtype(dtype), device);
   }
   check_operand("combine_rows", "y", y_TD, {num_tokens, dim}, dtype, device);
-  CurrentDevice current(device);
+  cuda::CurrentDevice current(device, "permute");
   MOLE_CUDA_CHECK(
-      cuda::combine_rows(row_type(dtype), rows_ND.data_ptr(), inverse_N.data_ptr<int64_t>(),
-                         index.pairs_by_token_N.data_ptr<int64_t>(),
+      cuda::combine_rows(cuda::element_type(dtype, "permute"), rows_ND.data_ptr(),
+                         inverse_N.data_ptr<int64_t>(), index.pairs_by_token_N.data_ptr<int64_t>(),
                          index.offsets_T1.data_ptr<int64_t>(),
                          weight_N.defined() ? weight_N.data_ptr() : nullptr, y_TD.data_ptr(),
-                         num_tokens, dim, kDefaultStream),
+                         num_tokens, dim, cuda::kDefaultStream),
       ::mole::detail::cat("combine_rows on ", device));
 }
 
@@ -155,11 +120,11 @@ void launch_row_dot(const at::Tensor& rows_ND, const at::Tensor& g_TD, const at:
   check_operand("row_dot", "g", g_TD, {g_TD.size(0), dim}, dtype, device);
   check_operand("row_dot", "token", token_N, {num_rows}, at::kLong, device);
   check_operand("row_dot", "out", out_N, {num_rows}, acc_dtype(dtype), device);
-  CurrentDevice current(device);
-  MOLE_CUDA_CHECK(
-      cuda::row_dot(row_type(dtype), rows_ND.data_ptr(), g_TD.data_ptr(),
-                    token_N.data_ptr<int64_t>(), out_N.data_ptr(), num_rows, dim, kDefaultStream),
-      ::mole::detail::cat("row_dot on ", device));
+  cuda::CurrentDevice current(device, "permute");
+  MOLE_CUDA_CHECK(cuda::row_dot(cuda::element_type(dtype, "permute"), rows_ND.data_ptr(),
+                                g_TD.data_ptr(), token_N.data_ptr<int64_t>(), out_N.data_ptr(),
+                                num_rows, dim, cuda::kDefaultStream),
+                  ::mole::detail::cat("row_dot on ", device));
 }
 
 // x_TD -> rows_ND = x_TD[token_N]. Backward: grad_x[t] = sum of the grad rows of t's pairs.

@@ -1,0 +1,57 @@
+// Model presets (see model_presets.h).
+#include "moe/model_presets.h"
+
+#include "kernels/check.h"
+
+namespace mole::moe {
+namespace {
+
+ModelConfig llama(int64_t vocab, int64_t hidden, int64_t intermediate, int64_t layers,
+                  int64_t heads, int64_t kv_heads, double rope_theta, int64_t max_positions) {
+  ModelConfig c;
+  c.vocab_size = vocab;
+  c.hidden_size = hidden;
+  c.intermediate_size = intermediate;
+  c.num_layers = layers;
+  c.num_heads = heads;
+  c.num_kv_heads = kv_heads;
+  c.head_dim = hidden / heads;
+  c.rms_norm_eps = 1e-5;
+  c.rope.theta = rope_theta;
+  c.max_position_embeddings = max_positions;
+  return c;
+}
+
+}  // namespace
+
+ModelConfig tiny_model_config(int64_t vocab) {
+  ModelConfig c = llama(vocab, 128, 344, 4, 4, 2, 10000.0, 1024);
+  c.head_dim = 32;
+  return c;
+}
+
+const std::vector<std::string>& model_preset_names() {
+  static const std::vector<std::string> names = {"tiny", "tinyllama", "llama-2-7b", "llama-3-8b"};
+  return names;
+}
+
+ModelConfig model_preset(const std::string& name) {
+  if (name == "tiny") return tiny_model_config(256);
+  if (name == "tinyllama") return llama(32000, 2048, 5632, 22, 32, 4, 10000.0, 2048);
+  if (name == "llama-2-7b") return llama(32000, 4096, 11008, 32, 32, 32, 10000.0, 4096);
+  if (name == "llama-3-8b") return llama(128256, 4096, 14336, 32, 32, 8, 500000.0, 8192);
+  std::string known;
+  for (const std::string& n : model_preset_names()) known += (known.empty() ? "" : ", ") + n;
+  MOLE_FAIL("unknown model shape '", name, "' (known: ", known, ")");
+}
+
+int64_t matmul_parameters(const ModelConfig& c) {
+  const int64_t d = c.hidden_size;
+  const int64_t q = c.num_heads * c.head_dim;
+  const int64_t kv = c.num_kv_heads * c.head_dim;
+  const int64_t attention = d * q + 2 * d * kv + q * d;
+  const int64_t mlp = 3 * d * c.intermediate_size;
+  return c.num_layers * (attention + mlp) + d * c.vocab_size;
+}
+
+}  // namespace mole::moe
