@@ -36,22 +36,26 @@ PermutePlan make_permute_plan(const at::Tensor& token_N, const at::Tensor& exper
   plan.num_tokens = num_tokens;
   plan.num_experts = num_experts;
   const int64_t n = expert_N.size(0);
-  if (n > 0) {
-    // Sync point: range checks on the host.
-    const int64_t e_min = expert_N.min().item<int64_t>(), e_max = expert_N.max().item<int64_t>();
-    MOLE_CHECK(e_min >= 0 && e_max < num_experts, "permute: expert id ", e_min < 0 ? e_min : e_max,
-               " outside [0, ", num_experts, ")");
-    const int64_t t_min = token_N.min().item<int64_t>(), t_max = token_N.max().item<int64_t>();
-    MOLE_CHECK(t_min >= 0 && t_max < num_tokens, "permute: token index ", t_min < 0 ? t_min : t_max,
-               " outside [0, ", num_tokens, ")");
-  }
   plan.order_N = std::get<1>(at::sort(expert_N, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   plan.token_N = token_N.index_select(0, plan.order_N);
   plan.inverse_N = at::empty_like(plan.order_N);
   plan.inverse_N.index_put_({plan.order_N}, at::arange(n, plan.order_N.options()));
-  // Sync point: per-expert row counts on the host, needed to slice expert segments.
-  at::Tensor counts_E = at::bincount(expert_N, {}, num_experts).to(at::kCPU);
-  plan.counts.assign(counts_E.data_ptr<int64_t>(), counts_E.data_ptr<int64_t>() + num_experts);
+  // One sync point: the per-expert row counts (needed on the host to slice expert segments) and
+  // the id ranges come over together. The counts are of clamped ids, so that an out-of-range id
+  // reaches the range check below instead of failing inside bincount.
+  const at::Tensor none = at::zeros({4}, expert_N.options());
+  const at::Tensor ranges = n == 0 ? none
+                                   : at::stack({expert_N.min(), expert_N.max(), token_N.min(),
+                                                token_N.max()});
+  const at::Tensor counts_E = at::bincount(expert_N.clamp(0, num_experts - 1), {}, num_experts);
+  const at::Tensor host = at::cat({ranges, counts_E}).to(at::kCPU);
+  const int64_t* v = host.data_ptr<int64_t>();
+  const int64_t e_min = v[0], e_max = v[1], t_min = v[2], t_max = v[3];
+  MOLE_CHECK(n == 0 || (e_min >= 0 && e_max < num_experts), "permute: expert id ",
+             e_min < 0 ? e_min : e_max, " outside [0, ", num_experts, ")");
+  MOLE_CHECK(n == 0 || (t_min >= 0 && t_max < num_tokens), "permute: token index ",
+             t_min < 0 ? t_min : t_max, " outside [0, ", num_tokens, ")");
+  plan.counts.assign(v + 4, v + 4 + num_experts);
   return plan;
 }
 

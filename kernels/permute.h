@@ -26,7 +26,8 @@ struct PermutePlan {
 
 // Stable sort of the pairs (token_N[i], expert_N[i]) by expert: pairs of one expert keep their
 // routing order. Validates ranges (expert ids in [0, E), tokens in [0, T)) and prints the
-// offending value. Sync point: the per-expert counts are copied to the host.
+// offending value. One sync point: the per-expert counts and the id ranges come to the host
+// together.
 PermutePlan make_permute_plan(const at::Tensor& token_N, const at::Tensor& expert_N,
                               int64_t num_tokens, int64_t num_experts);
 

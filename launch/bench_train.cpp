@@ -90,7 +90,7 @@ void bench_train(const BenchOptions& o) {
   at::Generator forward_gen = moe::make_generator(forward_seed(o.seed, 0), device);
   synchronize(device);
   const double build_s = std::chrono::duration<double>(Clock::now() - build_start).count();
-  reset_peak_cuda_allocated_bytes();
+  reset_peak_cuda_allocated_bytes(device);
 
   std::vector<double> step_ms;
   double first_loss = 0.0, last_loss = 0.0;
@@ -123,7 +123,7 @@ void bench_train(const BenchOptions& o) {
   const int64_t tokens = o.batch * o.seq;
   const double med = median(step_ms);
   const double tps = 1000.0 * static_cast<double>(tokens) / med;
-  const int64_t gpu_bytes = peak_cuda_allocated_bytes();
+  const int64_t gpu_bytes = peak_cuda_allocated_bytes(device);
   const double peak_gib = gpu_bytes >= 0 ? static_cast<double>(gpu_bytes) / kGiB
                                          : peak_host_mib() / 1024.0;
   const double flops = bench_train_model_flops_per_token(shape, o.seq) * tps;

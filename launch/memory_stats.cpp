@@ -2,7 +2,6 @@
 // c10_cuda, present only in a CUDA build (MOLE_TORCH_CUDA); elsewhere they read as unavailable.
 #include "launch/memory_stats.h"
 
-#include <ATen/Context.h>
 #include <sys/resource.h>
 
 #ifdef MOLE_TORCH_CUDA
@@ -18,28 +17,22 @@ double peak_host_mib() {
   return static_cast<double>(usage.ru_maxrss) / 1024.0;
 }
 
-bool cuda_memory_stats_available() {
+int64_t peak_cuda_allocated_bytes(const at::Device& device) {
+  if (!device.is_cuda()) return -1;
 #ifdef MOLE_TORCH_CUDA
-  return at::hasCUDA();
-#else
-  return false;
-#endif
-}
-
-int64_t peak_cuda_allocated_bytes() {
-  if (!cuda_memory_stats_available()) return -1;
-#ifdef MOLE_TORCH_CUDA
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device());
+  const c10::DeviceIndex index = device.has_index() ? device.index() : c10::cuda::current_device();
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index);
   return stats.allocated_bytes[0].peak;  // index 0: StatType::AGGREGATE (every pool)
 #else
   return -1;
 #endif
 }
 
-void reset_peak_cuda_allocated_bytes() {
-  if (!cuda_memory_stats_available()) return;
+void reset_peak_cuda_allocated_bytes(const at::Device& device) {
+  if (!device.is_cuda()) return;
 #ifdef MOLE_TORCH_CUDA
-  c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
+  const c10::DeviceIndex index = device.has_index() ? device.index() : c10::cuda::current_device();
+  c10::cuda::CUDACachingAllocator::resetPeakStats(index);
 #endif
 }
 

@@ -3,6 +3,8 @@
 // a step needed at most; the allocator may reserve more from the driver).
 #pragma once
 
+#include <c10/core/Device.h>
+
 #include <cstdint>
 
 namespace mole::launch {
@@ -10,13 +12,10 @@ namespace mole::launch {
 // Peak resident set size of this process, in MiB.
 double peak_host_mib();
 
-// Whether this build can read the CUDA allocator (a LibTorch with CUDA).
-bool cuda_memory_stats_available();
-
-// Peak bytes allocated on the current CUDA device since the start or the last reset; -1 when the
-// build has no CUDA LibTorch or no device is usable.
-int64_t peak_cuda_allocated_bytes();
-// Starts a new peak on the current CUDA device (nothing without one).
-void reset_peak_cuda_allocated_bytes();
+// Peak bytes allocated on CUDA `device` since the start or the last reset; -1 for a CPU device or
+// a build without a CUDA LibTorch (the allocator of a device nothing ran on is never touched).
+int64_t peak_cuda_allocated_bytes(const at::Device& device);
+// Starts a new peak on CUDA `device` (nothing for a CPU device or without a CUDA LibTorch).
+void reset_peak_cuda_allocated_bytes(const at::Device& device);
 
 }  // namespace mole::launch

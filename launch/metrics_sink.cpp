@@ -29,8 +29,9 @@ std::string format_duration(double seconds) {
 
 }  // namespace
 
-MetricsSink::MetricsSink(const Config& config, bool lead, bool show_progress, bool moe_method)
-    : config_(config), lead_(lead), tty_(show_progress), moe_(moe_method) {
+MetricsSink::MetricsSink(const Config& config, bool lead, bool show_progress, bool moe_method,
+                         const at::Device& device)
+    : config_(config), lead_(lead), tty_(show_progress), moe_(moe_method), device_(device) {
   summary_.run_dir = config.log.dir;
   summary_.eval_loss = std::nan("");
   if (lead_) {
@@ -73,7 +74,7 @@ void MetricsSink::log_step(int64_t done, const StepResult& r, double elapsed) {
   const double eta = elapsed / static_cast<double>(steps_seen_) * static_cast<double>(total - done);
   if (tty_) std::printf("\r%s\r", std::string(80, ' ').c_str());
   // On CUDA also the caching allocator's peak on the device since the start of the run.
-  const int64_t gpu_bytes = peak_cuda_allocated_bytes();
+  const int64_t gpu_bytes = peak_cuda_allocated_bytes(device_);
   const double gpu_gib = static_cast<double>(gpu_bytes) / (1024.0 * 1024.0 * 1024.0);
   const std::string gpu = gpu_bytes >= 0 ? fmt::format(" | gpu {:.2f} GiB", gpu_gib) : "";
   spdlog::info("step {}/{} | loss {:.4f} | aux {:.4f} | lr {:.2e} | grad {:.3f} | {:.0f} tok/s | eta {} | mem {:.0f} MiB{}{}",

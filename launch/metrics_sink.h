@@ -3,6 +3,8 @@
 // step); on the other ranks nowhere.
 #pragma once
 
+#include <c10/core/Device.h>
+
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -40,7 +42,9 @@ class MetricsSink {
  public:
   // `lead`: this rank writes (rank 0). Creates the run folder and writes config.yaml there.
   // `show_progress`: a progress bar on the console (one process on a terminal).
-  MetricsSink(const Config& config, bool lead, bool show_progress, bool moe_method);
+  // `device`: the model's; on CUDA the log lines carry its allocator peak.
+  MetricsSink(const Config& config, bool lead, bool show_progress, bool moe_method,
+              const at::Device& device);
   ~MetricsSink();
 
   // After every step: the running summary, the progress bar, and at log steps (train.log.every,
@@ -59,6 +63,7 @@ class MetricsSink {
 
   const Config& config_;
   bool lead_, tty_, moe_;
+  at::Device device_;
   std::ofstream metrics_;
   std::unique_ptr<TensorBoardWriter> tb_;
   TrainSummary summary_;

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "dist/communicator.h"
@@ -58,7 +59,10 @@ StepResult accumulate_gradients(RunParts& run, const StepCounters& counters) {
   const char* const part_names[] = {"load_balance", "z_loss", "entropy_loss", "contrastive_loss"};
   std::vector<at::Tensor> values;  // per micro-batch: lm, aux total, then the defined parts
   std::vector<std::vector<const char*>> parts_of(batch.micro_batches.size());
-  std::vector<std::vector<std::pair<std::string, at::Tensor>>> loads_of(batch.micro_batches.size());
+  // Per micro-batch and site: its name, routed pairs and expert count (the pair counts per
+  // expert are among `values`).
+  std::vector<std::vector<std::tuple<std::string, int64_t, int64_t>>> loads_of(
+      batch.micro_batches.size());
   for (size_t m = 0; m < batch.micro_batches.size(); ++m) {
     const MicroBatch& mb = batch.micro_batches[m];
     moe::ForwardContext ctx;
@@ -72,19 +76,22 @@ StepResult accumulate_gradients(RunParts& run, const StepCounters& counters) {
     at::Tensor lm = ls.sum / static_cast<double>(batch.global_target_tokens);
     moe::AuxLosses aux = moe::aux_losses(ctx, run.spec.aux, over_ranks);
     (lm + aux.total / accumulation).backward();
-    values.push_back(lm.detach().to(at::kDouble).reshape({1}));
-    values.push_back(aux.total.detach().to(at::kDouble).reshape({1}));
+    // Every value as float64 on the loss's device (the aux total of an adapter without MoE sites
+    // is a host zero).
+    const auto keep = [&](const at::Tensor& t) {
+      values.push_back(t.detach().to(lm.device(), at::kDouble).reshape({-1}));
+    };
+    keep(lm);
+    keep(aux.total);
     const at::Tensor* parts[] = {&aux.load_balance, &aux.z_loss, &aux.entropy, &aux.contrastive};
     for (size_t k = 0; k < 4; ++k) {
       if (!parts[k]->defined()) continue;
       parts_of[m].push_back(part_names[k]);
-      values.push_back(parts[k]->detach().to(at::kDouble).reshape({1}));
+      keep(*parts[k]);
     }
     for (const moe::SiteRecord& site : ctx.sites) {
-      // The fraction of the site's routed pairs each expert received.
-      const double total = std::max<double>(1.0, static_cast<double>(site.stats.num_pairs));
-      loads_of[m].emplace_back(site.site, site.stats.pairs_E.detach().to(at::kDouble) / total);
-      values.push_back(loads_of[m].back().second.reshape({-1}));
+      loads_of[m].emplace_back(site.site, site.stats.num_pairs, site.stats.pairs_E.size(0));
+      keep(site.stats.pairs_E);
     }
     r.tokens += mb.valid_BS.sum().item<int64_t>();  // a host tensor
   }
@@ -96,9 +103,12 @@ StepResult accumulate_gradients(RunParts& run, const StepCounters& counters) {
     r.aux_loss += *v++ / accumulation;
     for (const char* name : parts_of[m]) r.aux_parts[name] += *v++ / accumulation;
     std::vector<std::pair<std::string, std::vector<double>>> loads;
-    for (const auto& [site, load_E] : loads_of[m]) {
-      loads.emplace_back(site, std::vector<double>(v, v + load_E.numel()));
-      v += load_E.numel();
+    for (const auto& [site, num_pairs, num_experts] : loads_of[m]) {
+      // The fraction of the site's routed pairs each expert received.
+      const double total = std::max<double>(1.0, static_cast<double>(num_pairs));
+      std::vector<double> load(static_cast<size_t>(num_experts));
+      for (double& l : load) l = *v++ / total;
+      loads.emplace_back(site, std::move(load));
     }
     add_loads(r.expert_loads, loads);
   }

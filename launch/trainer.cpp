@@ -32,7 +32,8 @@ StepResult Trainer::step() {
 TrainSummary Trainer::run() {
   const Config& c = parts_.config;
   // No progress bar under mpirun, whose forwarded stdout may look like a terminal.
-  MetricsSink sink(c, rank() == 0, world() == 1 && isatty(fileno(stdout)), parts_.spec.is_moe());
+  MetricsSink sink(c, rank() == 0, world() == 1 && isatty(fileno(stdout)), parts_.spec.is_moe(),
+                   parts_.model->options().device());
   while (counters_.step < c.train.steps) {
     sink.on_step(step());
     const int64_t done = counters_.step;

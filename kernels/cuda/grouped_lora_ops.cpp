@@ -167,7 +167,9 @@ at::Tensor grouped_lora_cuda(const at::Tensor& x_NI, const at::Tensor& a_ErI,
   // Segment offsets (prefix sums of the counts), built on the host and copied to the device.
   std::vector<int64_t> offsets(counts.size() + 1, 0);
   for (size_t e = 0; e < counts.size(); ++e) offsets[e + 1] = offsets[e] + counts[e];
-  at::Tensor offsets_E1 = at::tensor(offsets, at::kLong).to(x_NI.device());  // host-to-device copy
+  // From pinned memory without waiting: a blocking copy would drain the device's queue.
+  at::Tensor offsets_E1 =
+      at::tensor(offsets, at::kLong).pin_memory().to(x_NI.device(), /*non_blocking=*/true);
   return GroupedLoraCudaFunction::apply(x_NI.contiguous(), a_ErI.contiguous(), b_EOr.contiguous(),
                                         offsets_E1, scale)[0];
 }

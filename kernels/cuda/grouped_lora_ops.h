@@ -32,9 +32,9 @@ bool cuda_grouped_lora_supports(const at::Tensor& x_NI, const at::Tensor& a_ErI,
 //
 // Stream: queued on the legacy default stream (stream 0, PyTorch's default stream), never on a
 // non-default current stream set by the caller; see permute_ops.cpp for why.
-// Sync points: the segment offsets are built from `counts` on the host and copied to the device
-// on every call (a host-to-device copy from pageable memory, which returns once the data is
-// staged); nothing is copied back.
+// Sync points: none. The segment offsets are built from `counts` on the host and copied to the
+// device on every call, from pinned memory without waiting for the device's queue; nothing is
+// copied back.
 at::Tensor grouped_lora_cuda(const at::Tensor& x_NI, const at::Tensor& a_ErI,
                              const at::Tensor& b_EOr, const std::vector<int64_t>& counts,
                              double scale);

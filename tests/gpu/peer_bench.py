@@ -38,6 +38,11 @@ def build_base(args, torch, transformers):
     shape = dict(SHAPES[args.shape])
     if args.layers > 0:
         shape["num_hidden_layers"] = min(shape["num_hidden_layers"], args.layers)
+    theta = shape.pop("rope_theta")
+    if int(transformers.__version__.split(".")[0]) >= 5:  # RoPE settings moved to rope_parameters
+        shape["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    else:
+        shape["rope_theta"] = theta
     config = transformers.LlamaConfig(rms_norm_eps=1e-5, attn_implementation="sdpa", **shape)
     torch.manual_seed(args.seed)
     previous = torch.get_default_dtype()
