@@ -1,11 +1,15 @@
 // Training configuration: YAML in, validated Config out (see config.h).
 #include "launch/config.h"
 
+#include <spdlog/spdlog.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -22,11 +26,18 @@ std::string join(const std::vector<std::string>& items) {
 
 // Reads one mapping of the config, remembering which keys were used so that any other key is
 // reported as unknown.
+// The --set options given, by key path ("train.lr" -> "train.lr=.inf"): errors about those keys
+// name the option instead of the file.
+using Overrides = std::map<std::string, std::string>;
+
 class Section {
  public:
-  Section(YAML::Node node, std::string path, std::string source)
-      : node_(std::move(node)), path_(std::move(path)), source_(std::move(source)) {
-    MOLE_CHECK(!node_ || node_.IsNull() || node_.IsMap(), source_, ": '", path_,
+  Section(YAML::Node node, std::string path, std::string source, const Overrides& overrides)
+      : node_(std::move(node)),
+        path_(std::move(path)),
+        source_(std::move(source)),
+        overrides_(overrides) {
+    MOLE_CHECK(!node_ || node_.IsNull() || node_.IsMap(), origin(""), ": '", path_,
                "' must be a mapping of keys to values");
   }
 
@@ -37,14 +48,18 @@ class Section {
     try {
       out = node_[key].as<T>();
     } catch (const YAML::Exception&) {
-      MOLE_FAIL(source_, ": '", name(key), "' must be ", type_name<T>(), ", got '",
+      MOLE_FAIL(origin(key), ": '", name(key), "' must be ", type_name<T>(), ", got '",
                 YAML::Dump(node_[key]), "'");
+    }
+    if constexpr (std::is_floating_point_v<T>) {
+      MOLE_CHECK(std::isfinite(out), origin(key), ": '", name(key), "' must be a finite number, got ",
+                 YAML::Dump(node_[key]));
     }
   }
 
   void choice(const std::string& key, std::string& out, const std::vector<std::string>& allowed) {
     get(key, out);
-    MOLE_CHECK(std::find(allowed.begin(), allowed.end(), out) != allowed.end(), source_, ": '",
+    MOLE_CHECK(std::find(allowed.begin(), allowed.end(), out) != allowed.end(), origin(key), ": '",
                name(key), "' is '", out, "'; allowed: ", join(allowed));
   }
 
@@ -55,7 +70,8 @@ class Section {
 
   Section child(const std::string& key) {
     known_.push_back(key);
-    return Section(node_ && node_.IsMap() ? node_[key] : YAML::Node(), name(key), source_);
+    return Section(node_ && node_.IsMap() ? node_[key] : YAML::Node(), name(key), source_,
+                   overrides_);
   }
 
   // Every key present must have been asked for.
@@ -63,14 +79,18 @@ class Section {
     if (!node_ || !node_.IsMap()) return;
     for (const auto& item : node_) {
       const std::string key = item.first.as<std::string>();
-      MOLE_CHECK(std::find(known_.begin(), known_.end(), key) != known_.end(), source_,
+      MOLE_CHECK(std::find(known_.begin(), known_.end(), key) != known_.end(), origin(key),
                  ": unknown key '", name(key), "' (known in '", path_.empty() ? "<top>" : path_,
                  "': ", join(known_), ")");
     }
   }
 
   std::string name(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
-  const std::string& source() const { return source_; }
+  // Where `key`'s value came from: "--set 'key=value'" or the config file.
+  std::string origin(const std::string& key) const {
+    const auto it = overrides_.find(name(key));
+    return it == overrides_.end() ? source_ : "--set '" + it->second + "'";
+  }
 
  private:
   template <typename T>
@@ -84,11 +104,30 @@ class Section {
   YAML::Node node_;
   std::string path_;
   std::string source_;
+  const Overrides& overrides_;
   std::vector<std::string> known_;
 };
 
 void check(bool ok, const Section& s, const std::string& key, const std::string& what) {
-  MOLE_CHECK(ok, s.source(), ": '", s.name(key), "' ", what);
+  MOLE_CHECK(ok, s.origin(key), ": '", s.name(key), "' ", what);
+}
+
+// A mapping that names a key twice keeps only one value in YAML libraries: refuse it, naming the
+// key path.
+void check_unique_keys(const YAML::Node& node, const std::string& path, const std::string& source) {
+  if (node.IsSequence()) {
+    for (const YAML::Node& item : node) check_unique_keys(item, path, source);
+    return;
+  }
+  if (!node.IsMap()) return;
+  std::set<std::string> seen;
+  for (const auto& item : node) {
+    const std::string key = item.first.Scalar();
+    const std::string full = path.empty() ? key : path + "." + key;
+    MOLE_CHECK(seen.insert(key).second, source, ": key '", full,
+               "' appears twice (YAML keeps only one of the values); keep one");
+    check_unique_keys(item.second, full, source);
+  }
 }
 
 void apply_override(YAML::Node& root, const std::string& assignment) {
@@ -133,7 +172,7 @@ void parse_adapter(Section s, AdapterSection& a) {
       try {
         a.experts_list = experts.as<std::vector<int64_t>>();
       } catch (const YAML::Exception&) {
-        MOLE_FAIL(s.source(), ": 'adapter.experts' list must hold integers");
+        MOLE_FAIL(s.origin("experts"), ": 'adapter.experts' list must hold integers");
       }
     } else {
       const std::string text = experts.as<std::string>();
@@ -187,12 +226,17 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
   }
   if (!root || root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
   MOLE_CHECK(root.IsMap(), source, ": the top level must be a mapping of sections");
-  for (const std::string& o : overrides) apply_override(root, o);
+  check_unique_keys(root, "", source);
+  Overrides given;
+  for (const std::string& o : overrides) {
+    apply_override(root, o);
+    given[o.substr(0, o.find('='))] = o;
+  }
 
   Config c;
-  Section top(root, "", source);
+  Section top(root, "", source, given);
   top.get("name", c.name);
-  MOLE_CHECK(!c.name.empty() && c.name.find('/') == std::string::npos, source,
+  MOLE_CHECK(!c.name.empty() && c.name.find('/') == std::string::npos, top.origin("name"),
              ": 'name' must be a non-empty name without '/'");
 
   Section model = top.child("model");
@@ -224,7 +268,8 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
   train.get("global_batch", t.global_batch);
   check(t.global_batch > 0, train, "global_batch", "must be positive");
   train.get("lr", t.lr);
-  check(t.lr > 0, train, "lr", "must be positive");
+  check(t.lr > 0 && t.lr <= 1, train, "lr",
+        "must be in (0, 1] (fine-tuning rates are about 1e-5 to 1e-3; larger ones diverge)");
   train.choice("schedule", t.schedule, {"constant", "linear", "cosine"});
   train.get("warmup", t.warmup);
   check(t.warmup >= 0 && t.warmup <= t.steps, train, "warmup", "must be in [0, train.steps]");
@@ -257,11 +302,17 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
 
   Section ckpt = top.child("checkpoint");
   ckpt.get("dir", c.checkpoint.dir);
+  check(c.checkpoint.dir.empty(), ckpt, "dir",
+        "is not supported yet: training checkpoints are not implemented (leave it unset)");
   ckpt.get("every", c.checkpoint.every);
   check(c.checkpoint.every >= 0, ckpt, "every", "must be non-negative");
   ckpt.get("keep", c.checkpoint.keep);
   check(c.checkpoint.keep >= 1, ckpt, "keep", "must be at least 1");
   ckpt.get("resume", c.checkpoint.resume);
+  check(c.checkpoint.resume == "auto" || c.checkpoint.resume == "never", ckpt, "resume",
+        "is '" + c.checkpoint.resume +
+            "': resuming is not implemented yet (training checkpoints come later); allowed: auto "
+            "(nothing to resume yet), never");
   ckpt.finish();
 
   Section log = top.child("log");
@@ -269,6 +320,7 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
   log.get("every", c.log.every);
   check(c.log.every >= 1, log, "every", "must be at least 1");
   log.get("tensorboard", c.log.tensorboard);
+  log.get("overwrite", c.log.overwrite);
   log.finish();
   if (c.log.dir.empty()) c.log.dir = "runs/" + c.name;
   top.finish();
@@ -276,9 +328,22 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
 }
 
 Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
+  std::error_code ec;
+  MOLE_CHECK(!std::filesystem::is_directory(path, ec), "config '", path,
+             "' is a directory; give the YAML file (e.g. examples/demo-mixlora.yaml)");
   std::ifstream in(path);
   MOLE_CHECK(in.good(), "cannot open config '", path, "'");
-  return parse_config(std::string(std::istreambuf_iterator<char>(in), {}), path, overrides);
+  const std::string text(std::istreambuf_iterator<char>(in), {});
+  Config config = parse_config(text, path, overrides);
+  const YAML::Node root = YAML::Load(text);  // valid: parse_config read it
+  if (!root || root.IsNull()) {
+    const Config defaults;
+    spdlog::warn("{} is empty: every key not given by --set takes its default (model.base {}, "
+                 "adapter.method {}, data.train {}, train.steps {}, log.dir runs/{})",
+                 path, defaults.model.base, defaults.adapter.method, defaults.data.train,
+                 defaults.train.steps, defaults.name);
+  }
+  return config;
 }
 
 std::string to_yaml(const Config& c) {
@@ -340,7 +405,8 @@ std::string to_yaml(const Config& c) {
       << YAML::Value << c.checkpoint.resume << YAML::EndMap;
   out << YAML::Key << "log" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value
       << c.log.dir << YAML::Key << "every" << YAML::Value << c.log.every << YAML::Key
-      << "tensorboard" << YAML::Value << c.log.tensorboard << YAML::EndMap;
+      << "tensorboard" << YAML::Value << c.log.tensorboard << YAML::Key << "overwrite"
+      << YAML::Value << c.log.overwrite << YAML::EndMap;
   out << YAML::EndMap;
   return std::string(out.c_str()) + "\n";
 }

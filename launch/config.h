@@ -95,6 +95,8 @@ struct LogSection {
   std::string dir;  // default runs/<name>
   int64_t every = 10;
   bool tensorboard = true;
+  // A log.dir that holds another run is refused unless true; then that run's files are replaced.
+  bool overwrite = false;
 };
 
 struct Config {

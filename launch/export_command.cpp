@@ -24,9 +24,16 @@ void add_export_command(CLI::App& app, ExportOptions& o) {
   cmd->add_option("--format", o.format, "peft (plain LoRA) or moe-peft (MoE methods)")
       ->check(CLI::IsMember({"peft", "moe-peft"}));
   cmd->add_option("--model", o.model, "base model folder (default: the adapter's base_model_name_or_path)");
+  cmd->add_flag("--overwrite", o.overwrite, "replace an adapter already in --out");
 }
 
 void run_export(const ExportOptions& o) {
+  // Checked first: nothing is read or written when the answer would land on another adapter.
+  for (const char* file : {"adapter_config.json", "adapter_model.safetensors"}) {
+    MOLE_CHECK(o.overwrite || !fs::exists(o.out + "/" + file), "--out '", o.out,
+               "' already holds an adapter (", file,
+               "); choose another folder or pass --overwrite to replace it");
+  }
   std::string adapter = o.source;
   if (fs::exists(o.source + "/adapter/adapter_config.json")) adapter = o.source + "/adapter";
   MOLE_CHECK(fs::exists(adapter + "/adapter_config.json"), "'", o.source,

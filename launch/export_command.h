@@ -15,6 +15,7 @@ struct ExportOptions {
   std::string out;
   std::string format;  // empty: peft for lora, moe-peft otherwise
   std::string model;   // empty: base_model_name_or_path from the adapter config
+  bool overwrite = false;  // replace an adapter already in --out
 };
 
 void add_export_command(CLI::App& app, ExportOptions& options);

@@ -1,11 +1,14 @@
 // The `mole` command: parse, run the chosen subcommand, report errors.
 #include <ATen/Parallel.h>
 #include <CLI/CLI.hpp>
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <string>
 #include <thread>
 
 #include "kernels/check.h"
@@ -29,7 +32,29 @@ int main(int argc, char** argv) {
   mole::launch::BenchOptions bench;
   mole::launch::add_bench_command(app, bench);
 
+  // An unknown first word is named (CLI11 alone would answer "A subcommand is required").
+  for (int i = 1; i < argc; ++i) {
+    const std::string word = argv[i];
+    if (word.empty() || word[0] == '-') continue;
+    std::string known;
+    bool found = false;
+    for (const CLI::App* sub : app.get_subcommands({})) {
+      known += (known.empty() ? "" : ", ") + sub->get_name();
+      found = found || sub->get_name() == word;
+    }
+    if (!found) {
+      std::fprintf(stderr, "mole: unknown subcommand '%s' (known: %s); see mole --help\n",
+                   word.c_str(), known.c_str());
+      return 1;
+    }
+    break;
+  }
   CLI11_PARSE(app, argc, argv);
+  // Under mpirun each rank writes through the launcher, often a pseudo-terminal even when the
+  // job's own output goes to a file: no colour codes there.
+  if (std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK")) {
+    spdlog::set_default_logger(spdlog::stdout_color_mt("mole", spdlog::color_mode::never));
+  }
   spdlog::set_level(verbose ? spdlog::level::debug : spdlog::level::info);
   // OpenMP may start with one thread on some machines; use every core unless told otherwise.
   if (!std::getenv("OMP_NUM_THREADS")) {

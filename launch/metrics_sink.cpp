@@ -9,6 +9,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <numeric>
+#include <string>
+#include <vector>
 
 #include "kernels/check.h"
 #include "launch/memory_stats.h"
@@ -27,7 +29,42 @@ std::string format_duration(double seconds) {
   return buf;
 }
 
+// The entries of a run folder that belong to a run, present in `dir`.
+std::vector<std::string> run_entries(const std::string& dir) {
+  std::vector<std::string> found;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return found;
+  for (const fs::directory_entry& entry : fs::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    const bool run_file = name == "config.yaml" || name == "metrics.jsonl" ||
+                          name == "summary.json" || name == "adapter" || name == "base" ||
+                          name.rfind("events.out.tfevents.", 0) == 0;
+    if (run_file) found.push_back(name);
+  }
+  std::sort(found.begin(), found.end());
+  return found;
+}
+
 }  // namespace
+
+void claim_run_folder(const Config& config, bool lead) {
+  const std::string& dir = config.log.dir;
+  const std::vector<std::string> found = run_entries(dir);
+  if (found.empty()) return;
+  std::string list;
+  for (const std::string& name : found) list += (list.empty() ? "" : ", ") + name;
+  MOLE_CHECK(config.log.overwrite, "log.dir '", dir, "' holds another run (", list,
+             "); start fresh in another folder (--set log.dir=", dir,
+             "-2) or replace that run with --set log.overwrite=true (resuming a run comes with "
+             "training checkpoints)");
+  if (!lead) return;
+  spdlog::warn("log.overwrite: replacing the run in '{}' ({})", dir, list);
+  for (const std::string& name : found) {
+    std::error_code ec;
+    fs::remove_all(fs::path(dir) / name, ec);
+    MOLE_CHECK(!ec, "log.overwrite: cannot remove '", dir, "/", name, "': ", ec.message());
+  }
+}
 
 MetricsSink::MetricsSink(const Config& config, bool lead, bool show_progress, bool moe_method,
                          const at::Device& device)

@@ -38,6 +38,11 @@ struct EvalResult {
   int64_t tokens = 0;
 };
 
+// Checks that `config.log.dir` holds no other run (config.yaml, metrics.jsonl, summary.json,
+// TensorBoard events, adapter/, base/): throws naming what is there and how to go on, unless
+// log.overwrite is true; then `lead` removes those files and folders (nothing else in the folder).
+void claim_run_folder(const Config& config, bool lead);
+
 class MetricsSink {
  public:
   // `lead`: this rank writes (rank 0). Creates the run folder and writes config.yaml there.

@@ -12,6 +12,7 @@
 #include "dist/communicator.h"
 #include "dist/runtime.h"
 #include "kernels/check.h"
+#include "launch/metrics_sink.h"
 #include "launch/trainer.h"
 #include "parallel/parallel_dims.h"
 #include "parallel/process_grid.h"
@@ -84,6 +85,7 @@ void run_train(const TrainOptions& options) {
   const int rank = distributed.runtime ? distributed.runtime->rank_info().rank : 0;
   try {
     if (distributed.runtime) build_grid(distributed, config);
+    claim_run_folder(config, rank == 0);
     Trainer trainer(std::move(config), distributed.grid);
     TrainSummary s = trainer.run();
     if (rank != 0) return;

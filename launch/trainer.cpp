@@ -43,6 +43,9 @@ TrainSummary Trainer::run() {
   }
   evaluate_and_log(sink, c.train.steps);
   const TrainSummary summary = sink.summary();
+  MOLE_CHECK(summary.skipped_steps < summary.steps, "every one of the ", summary.steps,
+             " steps had a non-finite loss or gradient and was skipped: nothing was trained and no "
+             "adapter was written (lower train.lr or check the data and the base weights)");
   export_adapter();
   sink.write_summary(summary);
   return summary;
@@ -61,6 +64,12 @@ void Trainer::export_adapter() {
   dist::Communicator* ep = parts_.dispatcher ? &parts_.grid->ep() : nullptr;
   const std::vector<moe::NamedTensor> whole = parallel::gather_trainable(*parts_.registry, ep);
   if (rank() != 0) return;
+  // Never an adapter with non-finite values: a reader would trust it.
+  for (const moe::NamedTensor& t : whole) {
+    MOLE_CHECK(at::isfinite(t.second).all().item<bool>(), "trainable tensor '", t.first,
+               "' holds non-finite values after training; no adapter was written to '", c.log.dir,
+               "/adapter'");
+  }
   const std::string base = parts_.synthetic_base() ? c.log.dir + "/base" : c.model.base;
   if (parts_.synthetic_base()) ckpt::save_hf_model(*parts_.model, base);
   ckpt::save_adapter(whole, parts_.spec, c.log.dir + "/adapter", base);

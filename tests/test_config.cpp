@@ -104,6 +104,47 @@ TEST(Config, SetOverridesApplyBeforeValidation) {
   EXPECT_NE(error_of("", {"train.steps=-1"}).find("'train.steps' must be positive"), std::string::npos);
 }
 
+// Values that used to pass validation and then poisoned a run: non-finite numbers anywhere, a
+// learning rate out of range, a key given twice, checkpoint keys that nothing implements yet.
+TEST(Config, RefusesValuesThatWouldPoisonARun) {
+  for (const char* lr : {".inf", "-.inf", ".nan", "1e30", "0", "-1e-4"}) {
+    const std::string e = error_of(std::string("train: {lr: ") + lr + "}");
+    EXPECT_NE(e.find("run.yaml: 'train.lr' must be"), std::string::npos) << lr << ": " << e;
+  }
+  EXPECT_EQ(launch::parse_config("train: {lr: 1}", "run.yaml").train.lr, 1.0);
+  EXPECT_NE(error_of("train: {clip: .inf}").find("'train.clip' must be a finite number"),
+            std::string::npos);
+  EXPECT_NE(error_of("adapter: {alpha: .nan}").find("'adapter.alpha' must be a finite number"),
+            std::string::npos);
+  EXPECT_NE(error_of("train: {steps: 5, lr: 0.001, steps: 7}")
+                .find("run.yaml: key 'train.steps' appears twice"),
+            std::string::npos);
+  EXPECT_NE(error_of("name: a\nname: b\n").find("key 'name' appears twice"), std::string::npos);
+  EXPECT_NE(error_of("checkpoint: {resume: banana}")
+                .find("'checkpoint.resume' is 'banana': resuming is not implemented yet"),
+            std::string::npos);
+  EXPECT_NE(error_of("checkpoint: {resume: /no/such/run}").find("not implemented yet"),
+            std::string::npos);
+  EXPECT_NE(error_of("checkpoint: {dir: ckpt}").find("'checkpoint.dir' is not supported yet"),
+            std::string::npos);
+  EXPECT_EQ(launch::parse_config("checkpoint: {resume: never}", "run.yaml").checkpoint.resume,
+            "never");
+}
+
+// An error about a key set with --set names the option, not the file.
+TEST(Config, SetErrorsNameTheOption) {
+  EXPECT_NE(error_of("train: {lr: 0.001}", {"train.lr=.inf"})
+                .find("--set 'train.lr=.inf': 'train.lr' must be a finite number"),
+            std::string::npos);
+  EXPECT_NE(error_of("", {"adapter.method=moex"}).find("--set 'adapter.method=moex': 'adapter.method'"),
+            std::string::npos);
+  EXPECT_NE(error_of("", {"train.steps=x"}).find("--set 'train.steps=x': 'train.steps' must be an integer"),
+            std::string::npos);
+  // A key from the file keeps naming the file.
+  EXPECT_NE(error_of("train: {steps: 0}", {"train.lr=0.001"}).find("run.yaml: 'train.steps'"),
+            std::string::npos);
+}
+
 TEST(Config, ResolvedYamlRoundTrips) {
   Config c = launch::parse_config(
       "name: t\nadapter: {method: mola, experts: \"2,4\", router: {top_k: 1}}\ntrain: {lr: 1.0e-3}",
