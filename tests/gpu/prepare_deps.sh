@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run HERE (Debian 12), before a device run: downloads the Debian packages of the libraries mole
-# builds against that the GPU machine's image may lack (header-only ones and small shared
-# libraries), into .gpudeps/ (ignored by git). Name `.gpudeps` in the device call's carry list;
+# Run on a Debian 12 machine with network, before a GPU run: downloads the Debian packages of
+# the libraries mole builds against that the GPU machine's image may lack (header-only ones and
+# small shared libraries), into .gpudeps/ (ignored by git). Copy `.gpudeps` along with the working tree;
 # tests/gpu/run.sh unpacks them there when the image does not have the library itself.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

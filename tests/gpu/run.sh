@@ -3,11 +3,11 @@
 # PyTorch's CUDA LibTorch. Run from the repository root; writes everything under $OUT (default
 # ./gpu-out): the logs, the benchmark JSON lines and summary.json, a table printed last.
 #
-#   tests/gpu/prepare_deps.sh        # here, once: Debian packages the device image may lack
-#   tests/gpu/run.sh                 # there, with .gpudeps carried along
+#   tests/gpu/prepare_deps.sh        # on Debian 12, once: packages the GPU image may lack
+#   tests/gpu/run.sh                 # on the GPU machine, with .gpudeps copied along
 #
 # Stages, most important first, each bounded by `timeout` and all by DEADLINE (default 540 s:
-# give the device call a timeout of about 580 s):
+# give the job a time limit of about 580 s):
 #   1. what the machine has (GPU, compilers, MPI, the libraries mole needs) and what is used;
 #   2. configure and build against the device's LibTorch, only the GPU targets, -j$(nproc);
 #   3. kernel tests (the CUDA twins against the CPU references) and a bf16 `mole train` on the
