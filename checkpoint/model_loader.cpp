@@ -12,6 +12,16 @@
 
 namespace mole::ckpt {
 
+void check_finite(const at::Tensor& t, const std::string& what) {
+  if (!at::isFloatingType(t.scalar_type()) || at::isfinite(t).all().item<bool>()) return;
+  const at::Tensor bad = at::logical_not(at::isfinite(t)).reshape({-1});
+  const int64_t count = bad.sum().item<int64_t>();
+  const int64_t first = bad.nonzero().min().item<int64_t>();
+  MOLE_FAIL(what, " holds ", count, " non-finite value(s) (NaN or inf) of ", t.numel(),
+            ", the first at flat index ", first, " (", t.reshape({-1})[first].item<double>(),
+            "); the file is damaged or was saved from a diverged run");
+}
+
 std::unique_ptr<moe::CausalLM> load_model(const std::string& dir, const at::TensorOptions& options) {
   moe::ModelConfig config = load_hf_config(dir);
   st::CheckpointReader reader(dir);
@@ -27,6 +37,7 @@ std::unique_ptr<moe::CausalLM> load_model(const std::string& dir, const at::Tens
                src.sizes(), " but the config implies ", param.sizes());
     MOLE_CHECK(at::isFloatingType(src.scalar_type()), "tensor '", name, "' in '", dir,
                "' has dtype ", src.scalar_type(), "; expected a floating-point weight");
+    check_finite(src, "tensor '" + name + "' in '" + dir + "'");
     model->base_weights().assign(name, src);
     used.insert(name);
   });

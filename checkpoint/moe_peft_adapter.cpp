@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "checkpoint/json_file.h"
+#include "checkpoint/model_loader.h"
 #include "checkpoint/peft_adapter.h"
 #include "checkpoint/safetensors.h"
 #include "kernels/check.h"
@@ -58,6 +59,7 @@ Parsed parse_weights(const st::SafetensorsFile& file, const std::string& prefix,
                " but the model has ", num_layers);
     const std::string linear = parts[3] + "." + parts[4];
     at::Tensor t = file.tensor(key);
+    check_finite(t, "tensor '" + key + "' in '" + file.path() + "'");
     const size_t n = parts.size();
     if (n == 6 && parts[4] == "moe_gate") {
       MOLE_CHECK(parts[3] == "mlp", file.path(), ": '", key, "': a block router belongs to mlp");
@@ -100,9 +102,101 @@ Pair stack_experts(const std::map<int64_t, Pair>& experts, int64_t num_experts, 
   return {at::stack(a), at::stack(b)};
 }
 
+// The rank the config gives must be the rank of the stored weights (it sets the scale).
+void check_rank(const at::Tensor& a, const at::Tensor& b, int64_t r, bool stacked,
+                const std::string& what, const std::string& config_key) {
+  const int64_t a_rank = a.size(stacked ? 1 : 0), b_rank = b.size(stacked ? 2 : 1);
+  MOLE_CHECK(a_rank == r && b_rank == r, what, ": lora_A ", a.sizes(), " / lora_B ", b.sizes(),
+             " have rank ", a_rank, "/", b_rank, " but adapter_config.json gives ", config_key,
+             " = ", r);
+}
+
+// adapter_config.json's num_experts: one count for every layer, a per-layer list, or absent
+// (empty: the weights decide).
+std::vector<int64_t> declared_experts(const json& root, int64_t num_layers, const std::string& file) {
+  if (!root.contains("num_experts") || root["num_experts"].is_null()) return {};
+  if (root["num_experts"].is_number_integer()) {
+    const int64_t e = root["num_experts"].get<int64_t>();
+    MOLE_CHECK(e >= 1, file, ": num_experts must be at least 1, got ", e);
+    return std::vector<int64_t>(static_cast<size_t>(num_layers), e);
+  }
+  std::vector<int64_t> list = json_field<std::vector<int64_t>>(root, "num_experts", {}, file);
+  MOLE_CHECK(static_cast<int64_t>(list.size()) == num_layers, file, ": num_experts lists ",
+             list.size(), " per-layer counts but the model has ", num_layers, " layers");
+  return list;
+}
+
 std::string lower(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(), ::tolower);
   return s;
+}
+
+// The adapter must be exactly what its config says: every target module of every layer adapted
+// the way the method adapts it (plain LoRA, a per-linear router with experts, or MixLoRA's FFN
+// block), nothing else, and every router with the declared number of experts.
+void check_complete(moe::CausalLM& model, const moe::AdapterSpec& spec,
+                    const std::vector<int64_t>& declared, const std::string& weights_path,
+                    const std::string& config_file) {
+  const std::string prefix = moe::method_name(spec.method);
+  const auto listed = [](const std::vector<std::string>& list, const std::string& name) {
+    return std::find(list.begin(), list.end(), name) != list.end();
+  };
+  static const std::vector<std::string> known = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                 "gate_proj", "up_proj", "down_proj"};
+  MOLE_CHECK(!spec.target_modules.empty(), config_file, ": target_modules is empty or missing");
+  for (const std::string& t : spec.target_modules) {
+    MOLE_CHECK(listed(known, t), config_file, ": target_modules entry '", t,
+               "' names no linear mole adapts (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+               "down_proj)");
+  }
+  const bool mixlora = spec.method == moe::Method::kMixLora;
+  if (mixlora) {
+    for (const char* mlp : {"gate_proj", "up_proj", "down_proj"}) {
+      MOLE_CHECK(listed(spec.target_modules, mlp), config_file, ": target_modules lacks '", mlp,
+                 "' but MixLoRA experts adapt gate_proj, up_proj and down_proj together");
+    }
+  }
+  for (int64_t i = 0; i < model.num_layers(); ++i) {
+    moe::DecoderLayer& layer = model.layer(i);
+    const std::string where = prefix + ".layers." + std::to_string(i) + ".";
+    const size_t li = static_cast<size_t>(i);
+    if (mixlora) {
+      MOLE_CHECK(layer.ffn_site != nullptr, weights_path, ": layer ", i,
+                 " has no MoE block (", where, "mlp.moe_gate and its experts) although ",
+                 config_file, " targets the FFN; the adapter is incomplete");
+    }
+    for (const std::string& name : moe::linear_names()) {
+      const std::string target = name.substr(name.find('.') + 1);
+      const bool in_mlp = name.rfind("mlp.", 0) == 0;
+      if (mixlora && in_mlp) continue;
+      const bool targeted = listed(spec.target_modules, target);
+      const bool routed = targeted && !mixlora &&
+                          (spec.routed_modules.empty() || listed(spec.routed_modules, target));
+      const bool has_site = layer.linear_sites.count(name) > 0;
+      const bool has_lora = layer.linear(name).has_lora();
+      const std::string module = where + name;
+      MOLE_CHECK(targeted || (!has_site && !has_lora), weights_path, ": holds weights for ", module,
+                 ", which target_modules in ", config_file, " does not list");
+      if (!targeted) continue;
+      MOLE_CHECK(!routed || has_site, weights_path, ": no router and experts for ", module,
+                 has_lora ? " (plain lora_A/lora_B found instead)" : "", ", which ", config_file,
+                 " targets; the adapter is incomplete");
+      MOLE_CHECK(routed || has_lora, weights_path, ": no lora_A/lora_B for ", module,
+                 has_site ? " (a router found instead)" : "", ", which ", config_file,
+                 " targets; the adapter is incomplete");
+    }
+    if (declared.empty()) continue;
+    if (layer.ffn_site) {
+      MOLE_CHECK(layer.ffn_site->num_experts() == declared[li], weights_path, ": ", where,
+                 "mlp has ", layer.ffn_site->num_experts(), " experts but ", config_file,
+                 " declares num_experts = ", declared[li]);
+    }
+    for (const auto& [name, site] : layer.linear_sites) {
+      MOLE_CHECK(site->num_experts() == declared[li], weights_path, ": ", where, name, " has ",
+                 site->num_experts(), " experts but ", config_file, " declares num_experts = ",
+                 declared[li]);
+    }
+  }
 }
 
 }  // namespace
@@ -219,6 +313,14 @@ moe::AdapterSpec load_moe_peft_adapter(moe::CausalLM& model, const std::string& 
   const at::TensorOptions device =
       model.options().dtype(moe::adapter_dtype(model.options().dtype().toScalarType()));
   spec.experts_per_layer.assign(static_cast<size_t>(model.num_layers()), 0);
+  const std::string config_file = adapter_dir + "/adapter_config.json";
+  const json root = read_config(adapter_dir);
+  const std::string expert_r_key =
+      root.contains("expert_lora") && root["expert_lora"].is_object() &&
+              root["expert_lora"].contains("r")
+          ? "expert_lora.r"
+          : "r";
+  const std::vector<int64_t> declared = declared_experts(root, model.num_layers(), config_file);
 
   at::NoGradGuard no_grad;
   for (const auto& [where, pair] : parsed.plain) {
@@ -227,6 +329,7 @@ moe::AdapterSpec load_moe_peft_adapter(moe::CausalLM& model, const std::string& 
     MOLE_CHECK(pair.first.defined() && pair.second.defined(), what, " has only one of lora_A / lora_B");
     MOLE_CHECK(!(spec.method == moe::Method::kMixLora && linear.rfind("mlp.", 0) == 0), what,
                ": a MixLoRA adapter carries FFN LoRA in its experts, not as plain LoRA");
+    check_rank(pair.first, pair.second, spec.lora.r, false, what, "r");
     model.layer(layer).linear(linear).set_lora(pair.first, pair.second, spec.lora.scale(),
                                                spec.lora.dropout, what);
   }
@@ -246,8 +349,9 @@ moe::AdapterSpec load_moe_peft_adapter(moe::CausalLM& model, const std::string& 
                  "gate_proj, up_proj and down_proj)");
       Pair stacked = stack_experts(it->second, E, what);
       parsed.experts.erase(it);
+      check_rank(stacked.first, stacked.second, spec.expert_lora.r, true, what, expert_r_key);
       return moe::ExpertLora::from(stacked.first, stacked.second, in, out,
-                                   moe::LoraOptions{stacked.first.size(1), spec.expert_lora.alpha,
+                                   moe::LoraOptions{spec.expert_lora.r, spec.expert_lora.alpha,
                                                     spec.expert_lora.rslora, 0.0}.scale(),
                                    spec.expert_lora.dropout, device, what);
     };
@@ -270,9 +374,10 @@ moe::AdapterSpec load_moe_peft_adapter(moe::CausalLM& model, const std::string& 
     MOLE_CHECK(it != parsed.experts.end(), what, ": router without expert weights");
     Pair stacked = stack_experts(it->second, E, what);
     parsed.experts.erase(it);
+    check_rank(stacked.first, stacked.second, spec.expert_lora.r, true, what, expert_r_key);
     moe::ExpertLora experts = moe::ExpertLora::from(
         stacked.first, stacked.second, lin.in_features(), lin.out_features(),
-        moe::LoraOptions{stacked.first.size(1), spec.expert_lora.alpha, spec.expert_lora.rslora, 0.0}.scale(),
+        moe::LoraOptions{spec.expert_lora.r, spec.expert_lora.alpha, spec.expert_lora.rslora, 0.0}.scale(),
         spec.expert_lora.dropout, device, what);
     model.layer(layer).linear_sites[linear] = std::make_unique<moe::LinearMoeSite>(
         site, gate.to(device).clone().requires_grad_(true), std::move(experts), spec.router);
@@ -282,6 +387,7 @@ moe::AdapterSpec load_moe_peft_adapter(moe::CausalLM& model, const std::string& 
   MOLE_CHECK(parsed.experts.empty(), weights_path, ": experts of ", prefix, ".layers.",
              parsed.experts.begin()->first.first, ".", parsed.experts.begin()->first.second,
              " have no router (moe_gate)");
+  check_complete(model, spec, declared, weights_path, config_file);
   for (int64_t& e : spec.experts_per_layer) e = std::max<int64_t>(e, 1);
   spdlog::info("loaded {} adapter from {}: {} plain LoRA linears, {} block sites, {} linear sites",
                prefix, adapter_dir, parsed.plain.size(), parsed.ffn_gate.size(),

@@ -9,8 +9,10 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <set>
 
 #include "checkpoint/json_file.h"
+#include "checkpoint/model_loader.h"
 #include "checkpoint/safetensors.h"
 #include "kernels/check.h"
 
@@ -30,6 +32,31 @@ bool is_unset(const json& root, const std::string& key) {
 // PEFT matches pattern keys against the module name as `(.*\.)?(pattern)$`.
 bool pattern_matches(const std::string& pattern, const std::string& module) {
   return std::regex_match(module, std::regex("(.*\\.)?(" + pattern + ")"));
+}
+
+// PEFT's module-name match: a regex matches the whole name; a list entry matches the name or
+// its tail after a dot.
+bool name_listed(const std::vector<std::string>& names, bool regex, const std::string& module) {
+  if (regex) return !names.empty() && std::regex_match(module, std::regex(names.front()));
+  for (const std::string& n : names) {
+    if (module == n || (module.size() > n.size() &&
+                        module.compare(module.size() - n.size() - 1, n.size() + 1, "." + n) == 0)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// A string or a list of strings (PEFT allows both for module selections).
+std::vector<std::string> names_field(const json& root, const std::string& key, bool& regex,
+                                     const std::string& file) {
+  regex = false;
+  if (!root.contains(key) || root[key].is_null()) return {};
+  if (root[key].is_string()) {
+    regex = true;
+    return {root[key].get<std::string>()};
+  }
+  return json_field<std::vector<std::string>>(root, key, {}, file);
 }
 
 struct ParsedKey {
@@ -75,11 +102,25 @@ PeftLoraConfig load_peft_config(const std::string& adapter_dir) {
   c.dropout = json_field<double>(root, "lora_dropout", 0.0, file);
   c.rslora = json_field<bool>(root, "use_rslora", false, file);
   MOLE_CHECK(c.r > 0, file, ": r must be positive, got ", c.r);
-  if (root.contains("target_modules") && root["target_modules"].is_string()) {
-    c.target_modules = {root["target_modules"].get<std::string>()};
-    c.target_is_regex = true;
+  c.target_modules = names_field(root, "target_modules", c.target_is_regex, file);
+  if (c.target_is_regex && c.target_modules.front() == "all-linear") {
+    c.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+    c.target_is_regex = false;
+  }
+  MOLE_CHECK(!c.target_modules.empty(), file, ": target_modules is empty or missing");
+  if (c.target_is_regex) {
+    try {
+      std::regex check(c.target_modules.front());
+    } catch (const std::regex_error& e) {
+      MOLE_FAIL(file, ": target_modules '", c.target_modules.front(), "' is not a valid regex (",
+                e.what(), ")");
+    }
+  }
+  c.exclude_modules = names_field(root, "exclude_modules", c.exclude_is_regex, file);
+  if (root.contains("layers_to_transform") && root["layers_to_transform"].is_number_integer()) {
+    c.layers_to_transform = {root["layers_to_transform"].get<int64_t>()};
   } else {
-    c.target_modules = json_field<std::vector<std::string>>(root, "target_modules", {}, file);
+    c.layers_to_transform = json_field<std::vector<int64_t>>(root, "layers_to_transform", {}, file);
   }
   for (const auto& [key, value] : json_field<std::map<std::string, int64_t>>(root, "rank_pattern", {}, file)) {
     c.rank_pattern.emplace_back(key, value);
@@ -88,6 +129,16 @@ PeftLoraConfig load_peft_config(const std::string& adapter_dir) {
     c.alpha_pattern.emplace_back(key, value);
   }
   return c;
+}
+
+bool peft_targets(const PeftLoraConfig& config, const std::string& module, int64_t layer) {
+  if (!config.layers_to_transform.empty() &&
+      std::find(config.layers_to_transform.begin(), config.layers_to_transform.end(), layer) ==
+          config.layers_to_transform.end()) {
+    return false;
+  }
+  if (name_listed(config.exclude_modules, config.exclude_is_regex, module)) return false;
+  return name_listed(config.target_modules, config.target_is_regex, module);
 }
 
 int64_t load_peft_adapter(moe::CausalLM& model, const std::string& adapter_dir) {
@@ -114,6 +165,43 @@ int64_t load_peft_adapter(moe::CausalLM& model, const std::string& adapter_dir) 
     (parsed.which == 'A' ? slot.first : slot.second) = key;
   }
 
+  // The weights must be exactly what the config targets.
+  const std::string config_file = adapter_dir + "/adapter_config.json";
+  std::vector<std::string> missing;
+  std::set<std::string> matched_entries;
+  for (int64_t layer = 0; layer < model.num_layers(); ++layer) {
+    for (const std::string& linear : moe::linear_names()) {
+      const std::string module = "model.layers." + std::to_string(layer) + "." + linear;
+      const bool targeted = peft_targets(config, module, layer);
+      const auto stored = pairs.find({layer, linear});
+      if (targeted && stored == pairs.end()) missing.push_back(module);
+      if (!targeted && stored != pairs.end()) {
+        const auto& [a_key, b_key] = stored->second;
+        MOLE_FAIL(weights_file, ": tensor '", a_key.empty() ? b_key : a_key, "' adapts ", module,
+                  ", which ", config_file, " does not target (target_modules, exclude_modules, ",
+                  "layers_to_transform)");
+      }
+      if (!config.target_is_regex) {
+        for (const std::string& t : config.target_modules) {
+          if (name_listed({t}, false, module)) matched_entries.insert(t);
+        }
+      }
+    }
+  }
+  if (!config.target_is_regex) {
+    for (const std::string& t : config.target_modules) {
+      MOLE_CHECK(matched_entries.count(t), config_file, ": target_modules entry '", t,
+                 "' names no linear mole adapts (q_proj, k_proj, v_proj, o_proj, gate_proj, ",
+                 "up_proj, down_proj)");
+    }
+  }
+  if (!missing.empty()) {
+    MOLE_FAIL(weights_file, ": no lora_A/lora_B for ", missing.size(), " module(s) that ",
+              config_file, " targets, e.g. ", missing.front(),
+              missing.size() > 1 ? " and " + missing.back() : std::string(),
+              "; the adapter is incomplete");
+  }
+
   at::NoGradGuard no_grad;
   for (const auto& [where, keys] : pairs) {
     const auto& [layer_index, linear_name] = where;
@@ -133,6 +221,10 @@ int64_t load_peft_adapter(moe::CausalLM& model, const std::string& adapter_dir) 
     }
     MOLE_CHECK(a.dim() == 2 && a.size(0) == r, weights_file, ": tensor '", keys.first,
                "' has shape ", a.sizes(), " but adapter_config.json implies rank ", r);
+    MOLE_CHECK(b.dim() == 2 && b.size(1) == r, weights_file, ": tensor '", keys.second,
+               "' has shape ", b.sizes(), " but adapter_config.json implies rank ", r);
+    check_finite(a, "tensor '" + keys.first + "' in '" + weights_file + "'");
+    check_finite(b, "tensor '" + keys.second + "' in '" + weights_file + "'");
     moe::LoraOptions options{r, alpha, config.rslora, config.dropout};
     model.layer(layer_index)
         .linear(linear_name)

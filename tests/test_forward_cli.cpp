@@ -4,7 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cmath>
 #include <filesystem>
+#include <limits>
 
 #include "checkpoint/safetensors.h"
 #include "kernels/check.h"
@@ -122,6 +124,56 @@ TEST_F(ForwardCli, BrokenModelFolders) {
                  dir_.file("out.safetensors"));
   EXPECT_NE(run.exit_code, 0);
   EXPECT_NE(run.output.find("model_type 'gpt2' is not supported"), std::string::npos) << run.output;
+}
+
+// A NaN in a base weight or in an adapter weight: `mole forward` refuses to load it, naming the
+// tensor, instead of printing a NaN loss with exit 0.
+TEST_F(ForwardCli, NonFiniteWeightsAreRefusedByName) {
+  const std::string input = dir_.file("in.safetensors");
+  st::save_file(input, {{"input_ids", reference_->tensor("input_ids")},
+                        {"labels", reference_->tensor("labels")}});
+  const std::string model = dir_.file("model");
+  fs::create_directory(model);
+  fs::copy_file(fixture_ + "/base/config.json", model + "/config.json");
+  std::vector<std::pair<std::string, at::Tensor>> weights;
+  {
+    st::SafetensorsFile base(fixture_ + "/base/model.safetensors");
+    for (const std::string& name : base.names()) weights.emplace_back(name, base.tensor(name).clone());
+  }
+  for (auto& [name, t] : weights) {
+    if (name == "model.layers.1.mlp.down_proj.weight") t.view({-1})[5] = std::nan("");
+  }
+  st::save_file(model + "/model.safetensors", weights);
+  RunResult run = run_mole("forward --model " + model + " --input " + input + " --output " +
+                           dir_.file("out.safetensors"));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_NE(run.output.find("tensor 'model.layers.1.mlp.down_proj.weight' in '" + model +
+                            "' holds 1 non-finite value(s)"),
+            std::string::npos)
+      << run.output;
+  EXPECT_NE(run.output.find("first at flat index 5"), std::string::npos) << run.output;
+  EXPECT_FALSE(fs::exists(dir_.file("out.safetensors")));
+
+  const std::string adapter = dir_.file("adapter");
+  fs::create_directory(adapter);
+  fs::copy_file(fixture_ + "/peft_lora/adapter_config.json", adapter + "/adapter_config.json");
+  std::vector<std::pair<std::string, at::Tensor>> lora;
+  {
+    st::SafetensorsFile file(fixture_ + "/peft_lora/adapter_model.safetensors");
+    for (const std::string& name : file.names()) lora.emplace_back(name, file.tensor(name).clone());
+  }
+  const std::string bad = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight";
+  for (auto& [name, t] : lora) {
+    if (name == bad) t.view({-1})[0] = std::numeric_limits<float>::infinity();
+  }
+  st::save_file(adapter + "/adapter_model.safetensors", lora);
+  run = run_mole(args(input, "--adapter " + adapter));
+  EXPECT_NE(run.exit_code, 0);
+  EXPECT_NE(run.output.find("tensor '" + bad + "' in '" + adapter +
+                            "/adapter_model.safetensors' holds 1 non-finite value(s)"),
+            std::string::npos)
+      << run.output;
+  EXPECT_FALSE(fs::exists(dir_.file("out.safetensors")));
 }
 
 }  // namespace

@@ -119,6 +119,11 @@ class PeftImportErrors : public ::testing::Test {
     ASSERT_NE(at, std::string::npos) << from;
     config_.replace(at, from.size(), to);
   }
+  void drop(const std::string& name) {
+    tensors_.erase(std::remove_if(tensors_.begin(), tensors_.end(),
+                                  [&](const auto& kv) { return kv.first == name; }),
+                   tensors_.end());
+  }
   std::unique_ptr<moe::CausalLM> model_;
   std::string src_, config_;
   std::vector<std::pair<std::string, at::Tensor>> tensors_;
@@ -158,6 +163,74 @@ TEST_F(PeftImportErrors, WrongShapeNamesTheModule) {
   }
   std::string err = import_error();
   EXPECT_NE(err.find("model.layers.0.self_attn.k_proj: lora_B must be [32, r]"), std::string::npos)
+      << err;
+}
+
+// The weights must be exactly what target_modules / layers_to_transform say, in both directions.
+TEST_F(PeftImportErrors, WeightsMustMatchTheTargetedModules) {
+  const std::string v1 = "base_model.model.model.layers.1.self_attn.v_proj.";
+  const auto saved = tensors_;
+  drop(v1 + "lora_A.weight");
+  drop(v1 + "lora_B.weight");
+  std::string err = import_error();
+  EXPECT_NE(err.find("no lora_A/lora_B for 1 module(s) that " + dir_.path() +
+                     "/adapter_config.json targets, e.g. model.layers.1.self_attn.v_proj"),
+            std::string::npos)
+      << err;
+  tensors_ = saved;
+
+  const std::string config = config_;
+  replace_in_config(R"("v_proj")", R"("q_proj")");  // v_proj dropped from the targets
+  err = import_error();
+  EXPECT_NE(err.find("'base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight' adapts "
+                     "model.layers.0.self_attn.v_proj, which " + dir_.path() +
+                     "/adapter_config.json does not target"),
+            std::string::npos)
+      << err;
+  config_ = config;
+  EXPECT_EQ(import_error(), "<no error>");
+
+  replace_in_config(R"("up_proj",)", R"("up_proj", "lm_head",)");  // an extra module
+  err = import_error();
+  EXPECT_NE(err.find("target_modules entry 'lm_head' names no linear mole adapts"), std::string::npos)
+      << err;
+  replace_in_config(R"("up_proj", "lm_head",)", R"("up_proj",)");
+
+  replace_in_config(R"("layers_to_transform": null)", R"("layers_to_transform": [0])");
+  err = import_error();
+  EXPECT_NE(err.find("adapts model.layers.1.self_attn.q_proj, which"), std::string::npos) << err;
+  tensors_.erase(std::remove_if(tensors_.begin(), tensors_.end(), [](const auto& kv) {
+    return kv.first.find(".layers.1.") != std::string::npos;
+  }), tensors_.end());
+  model_ = ckpt::load_model(test::tiny_llama_dir() + "/base", at::TensorOptions(at::kFloat));
+  EXPECT_EQ(import_error(), "<no error>");
+  EXPECT_FALSE(model_->layer(1).linear("self_attn.q_proj").has_lora());
+  EXPECT_TRUE(model_->layer(0).linear("self_attn.q_proj").has_lora());
+}
+
+TEST_F(PeftImportErrors, AllLinearAndExcludeModules) {
+  const size_t start = config_.find(R"("target_modules": [)");
+  const size_t end = config_.find(']', start);
+  config_.replace(start, end + 1 - start, R"("target_modules": "all-linear")");
+  EXPECT_EQ(import_error(), "<no error>");
+  replace_in_config(R"("exclude_modules": null)", R"("exclude_modules": ["k_proj"])");
+  EXPECT_NE(import_error().find("adapts model.layers.0.self_attn.k_proj, which"), std::string::npos);
+  drop("base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight");
+  drop("base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight");
+  drop("base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight");
+  drop("base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight");
+  EXPECT_EQ(import_error(), "<no error>");
+}
+
+TEST_F(PeftImportErrors, NonFiniteWeightNamesTheTensor) {
+  const std::string key = "base_model.model.model.layers.1.mlp.gate_proj.lora_A.weight";
+  for (auto& [name, t] : tensors_) {
+    if (name == key) t.view({-1})[3] = std::nan("");
+  }
+  std::string err = import_error();
+  EXPECT_NE(err.find("tensor '" + key + "' in '" + dir_.path() +
+                     "/adapter_model.safetensors' holds 1 non-finite value(s)"),
+            std::string::npos)
       << err;
 }
 

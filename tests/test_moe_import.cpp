@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <sys/wait.h>
 
 #include "checkpoint/model_loader.h"
@@ -133,6 +134,79 @@ TEST_F(MoeImportErrors, ConfigProblems) {
   replace_in_config(R"("act_fn": "gelu")", R"("act_fn": "silu")");
   replace_in_config(R"("peft_type": "MIXLORA")", R"("peft_type": "MOEX")");
   EXPECT_NE(import_error().find("peft_type 'MOEX' is not a MoE-PEFT adapter"), std::string::npos);
+}
+
+// The rank in adapter_config.json sets the scale: it must be the rank of the weights.
+TEST_F(MoeImportErrors, RankMustMatchTheWeights) {
+  replace_in_config(R"("r": 4,)", R"("r": 8,)");
+  std::string err = import_error();
+  EXPECT_NE(err.find("mixlora.layers.0.self_attn.k_proj: lora_A [4, 64] / lora_B [32, 4] have rank "
+                     "4/4 but adapter_config.json gives r = 8"),
+            std::string::npos)
+      << err;
+  replace_in_config(R"("r": 8,)", R"("r": 4, "expert_lora": {"r": 2},)");
+  err = import_error();
+  EXPECT_NE(err.find("mixlora.layers.0.mlp.gate_proj: lora_A [4, 4, 64] / lora_B [4, 176, 4] have "
+                     "rank 4/4 but adapter_config.json gives expert_lora.r = 2"),
+            std::string::npos)
+      << err;
+}
+
+// A plain-LoRA module or a whole layer's MoE block left out, a module the config does not list,
+// a target that names nothing, and an expert count other than num_experts are all refused.
+TEST_F(MoeImportErrors, AdapterMustBeWhatItsConfigSays) {
+  const auto tensors = tensors_;
+  drop("mixlora.layers.1.self_attn.v_proj.lora_A.weight");
+  drop("mixlora.layers.1.self_attn.v_proj.lora_B.weight");
+  std::string err = import_error();
+  EXPECT_NE(err.find("no lora_A/lora_B for mixlora.layers.1.self_attn.v_proj, which " + dir_.path() +
+                     "/adapter_config.json targets; the adapter is incomplete"),
+            std::string::npos)
+      << err;
+  tensors_ = tensors;
+
+  tensors_.erase(std::remove_if(tensors_.begin(), tensors_.end(), [](const auto& kv) {
+    return kv.first.rfind("mixlora.layers.1.mlp.", 0) == 0;
+  }), tensors_.end());
+  err = import_error();
+  EXPECT_NE(err.find("layer 1 has no MoE block (mixlora.layers.1.mlp.moe_gate and its experts)"),
+            std::string::npos)
+      << err;
+  tensors_ = tensors;
+
+  const std::string config = config_;
+  replace_in_config(R"("o_proj",)", "");
+  err = import_error();
+  EXPECT_NE(err.find("holds weights for mixlora.layers.0.self_attn.o_proj, which target_modules in " +
+                     dir_.path() + "/adapter_config.json does not list"),
+            std::string::npos)
+      << err;
+  config_ = config;
+  replace_in_config(R"("q_proj")", R"("q_prj")");
+  err = import_error();
+  EXPECT_NE(err.find("target_modules entry 'q_prj' names no linear mole adapts"), std::string::npos)
+      << err;
+  config_ = config;
+  replace_in_config(R"("num_experts": 4)", R"("num_experts": 8)");
+  err = import_error();
+  EXPECT_NE(err.find("mixlora.layers.0.mlp has 4 experts but " + dir_.path() +
+                     "/adapter_config.json declares num_experts = 8"),
+            std::string::npos)
+      << err;
+  config_ = config;
+  EXPECT_EQ(import_error(), "<no error>");
+}
+
+TEST_F(MoeImportErrors, NonFiniteWeightNamesTheTensor) {
+  const std::string key = "mixlora.layers.1.mlp.moe_gate.weight";
+  for (auto& [name, t] : tensors_) {
+    if (name == key) t.view({-1})[7] = -std::numeric_limits<float>::infinity();
+  }
+  std::string err = import_error();
+  EXPECT_NE(err.find("tensor '" + key + "' in '" + dir_.path() +
+                     "/adapter_model.safetensors' holds 1 non-finite value(s)"),
+            std::string::npos)
+      << err;
 }
 
 TEST_F(MoeImportErrors, BinOnlyAdapterAsksForConversion) {
