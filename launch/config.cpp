@@ -185,15 +185,62 @@ void parse_adapter(Section s, AdapterSection& a) {
       }
     }
   }
+  // The fewest experts any layer gets (0 when a pattern is not plain integers: checked later).
+  int64_t fewest = a.experts;
+  if (!a.experts_list.empty()) {
+    for (size_t i = 0; i < a.experts_list.size(); ++i) {
+      MOLE_CHECK(a.experts_list[i] >= 1, s.origin("experts"), ": 'adapter.experts' entry ", i,
+                 " is ", a.experts_list[i], "; every layer needs at least 1 expert");
+    }
+    fewest = *std::min_element(a.experts_list.begin(), a.experts_list.end());
+  } else if (!a.experts_pattern.empty()) {
+    fewest = 0;
+    std::stringstream in(a.experts_pattern);
+    for (std::string item; std::getline(in, item, ',');) {
+      try {
+        const int64_t n = std::stoll(item);
+        check(n >= 1, s, "experts", "pattern '" + a.experts_pattern + "' holds " +
+                                        std::to_string(n) + "; every layer needs at least 1 expert");
+        fewest = fewest == 0 ? n : std::min(fewest, n);
+      } catch (const std::logic_error&) {
+        fewest = 0;
+        break;
+      }
+    }
+  } else {
+    check(a.experts >= 1, s, "experts",
+          "must be at least 1 (or a per-layer list such as [2, 4] or a pattern such as \"2,4,6,8\"), got " +
+              std::to_string(a.experts));
+  }
   Section router = s.child("router");
-  router.choice("strategy", a.router.strategy, {"auto", "topk", "topp", "switch", "dynmole", "dense"});
-  router.get("top_k", a.router.top_k);
-  router.get("top_p", a.router.top_p);
-  router.get("jitter_noise", a.router.jitter_noise);
-  router.get("capacity_factor", a.router.capacity_factor);
-  router.get("entropy_q", a.router.entropy_q);
-  router.get("entropy_threshold", a.router.entropy_threshold);
-  router.get("keep_top_k", a.router.keep_top_k);
+  RouterSection& r = a.router;
+  router.choice("strategy", r.strategy, {"auto", "topk", "topp", "switch", "dynmole", "dense"});
+  router.get("top_k", r.top_k);
+  check(r.top_k >= 1, router, "top_k", "must be at least 1, got " + std::to_string(r.top_k));
+  router.get("top_p", r.top_p);
+  check(r.top_p > 0 && r.top_p <= 1, router, "top_p", "must be in (0, 1]");
+  router.get("jitter_noise", r.jitter_noise);
+  check(r.jitter_noise >= 0 && r.jitter_noise < 1, router, "jitter_noise", "must be in [0, 1)");
+  router.get("capacity_factor", r.capacity_factor);
+  check(r.capacity_factor > 0, router, "capacity_factor", "must be positive");
+  router.get("entropy_q", r.entropy_q);
+  check(r.entropy_q > 0, router, "entropy_q", "must be positive");
+  router.get("entropy_threshold", r.entropy_threshold);
+  check(r.entropy_threshold >= 0 && r.entropy_threshold <= 1, router, "entropy_threshold",
+        "must be in [0, 1]");
+  router.get("keep_top_k", r.keep_top_k);
+  check(r.keep_top_k >= 1, router, "keep_top_k", "must be at least 1, got " + std::to_string(r.keep_top_k));
+  // The bound the routing rule reads (the same resolution of "auto" as the run's).
+  const std::string rule = r.strategy != "auto" ? r.strategy : a.method == "dynmole" ? "dynmole" : "topk";
+  const std::string key = rule == "topk" ? "top_k" : rule == "dynmole" ? "keep_top_k" : "";
+  const int64_t k = rule == "topk" ? r.top_k : r.keep_top_k;
+  if (a.method != "lora" && !key.empty() && fewest > 0) {
+    check(k <= fewest, router, key,
+          "is " + std::to_string(k) + " but " +
+              (a.experts_list.empty() && a.experts_pattern.empty() ? "adapter.experts is "
+                                                                    : "the smallest layer of adapter.experts has ") +
+              std::to_string(fewest) + " (a token cannot pick more experts than there are)");
+  }
   router.finish();
   for (auto [key, value] : {std::pair<const char*, double*>{"aux_loss_coef", &a.aux_loss_coef},
                              {"z_loss_coef", &a.z_loss_coef},

@@ -131,9 +131,13 @@ moe::AdapterSpec adapter_spec(const Config& c, int64_t num_layers) {
   spec.target_modules = a.target_modules;
   spec.router_init_range = a.router_init_range;
   if (spec.is_moe()) {
-    if (!a.experts_list.empty()) spec.experts_per_layer = moe::list_allocation(a.experts_list, num_layers);
-    else if (!a.experts_pattern.empty()) spec.experts_per_layer = moe::pattern_allocation(a.experts_pattern, num_layers);
-    else spec.experts_per_layer = moe::uniform_allocation(a.experts, num_layers);
+    try {
+      if (!a.experts_list.empty()) spec.experts_per_layer = moe::list_allocation(a.experts_list, num_layers);
+      else if (!a.experts_pattern.empty()) spec.experts_per_layer = moe::pattern_allocation(a.experts_pattern, num_layers);
+      else spec.experts_per_layer = moe::uniform_allocation(a.experts, num_layers);
+    } catch (const Error& e) {
+      MOLE_FAIL("adapter.experts: ", e.what());
+    }
   }
   spec.router = router_options(c, spec.method);
   spec.aux = aux_options(c, spec);

@@ -145,6 +145,37 @@ TEST(Config, SetErrorsNameTheOption) {
             std::string::npos);
 }
 
+// Expert counts and router bounds are checked where they are written, with the full key path.
+TEST(Config, ExpertAndRouterErrorsGiveTheKeyPath) {
+  EXPECT_NE(error_of("adapter: {method: mixlora}", {"adapter.experts=0"})
+                .find("--set 'adapter.experts=0': 'adapter.experts' must be at least 1"),
+            std::string::npos);
+  EXPECT_NE(error_of("adapter: {method: mola, experts: [2, 0, 4]}")
+                .find("run.yaml: 'adapter.experts' entry 1 is 0; every layer needs at least 1 expert"),
+            std::string::npos);
+  EXPECT_NE(error_of("adapter: {method: mola, experts: \"2,-1\"}").find("'adapter.experts' pattern '2,-1' holds -1"),
+            std::string::npos);
+  EXPECT_NE(error_of("adapter: {method: mixlora, experts: 4}", {"adapter.router.top_k=9"})
+                .find("--set 'adapter.router.top_k=9': 'adapter.router.top_k' is 9 but "
+                      "adapter.experts is 4"),
+            std::string::npos);
+  EXPECT_NE(error_of("adapter: {method: mola, experts: [4, 2], router: {top_k: 3}}")
+                .find("run.yaml: 'adapter.router.top_k' is 3 but the smallest layer of "
+                      "adapter.experts has 2"),
+            std::string::npos);
+  EXPECT_NE(error_of("adapter: {method: mixlora, router: {top_k: 0}}")
+                .find("run.yaml: 'adapter.router.top_k' must be at least 1, got 0"),
+            std::string::npos);
+  EXPECT_NE(error_of("adapter: {method: dynmole, experts: 2, router: {keep_top_k: 3}}")
+                .find("'adapter.router.keep_top_k' is 3 but adapter.experts is 2"),
+            std::string::npos);
+  EXPECT_NE(error_of("adapter: {method: mixlora, router: {top_p: 1.5}}").find("'adapter.router.top_p' must be in (0, 1]"),
+            std::string::npos);
+  // A bound the routing rule does not read is not checked: dense routing over one expert.
+  EXPECT_EQ(error_of("adapter: {method: mola, experts: 1, router: {strategy: dense}}"), "<no error>");
+  EXPECT_EQ(error_of("adapter: {method: lora, experts: 1}"), "<no error>");
+}
+
 TEST(Config, ResolvedYamlRoundTrips) {
   Config c = launch::parse_config(
       "name: t\nadapter: {method: mola, experts: \"2,4\", router: {top_k: 1}}\ntrain: {lr: 1.0e-3}",
