@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "checkpoint/atomic_file.h"
 #include "checkpoint/json_file.h"
 #include "checkpoint/safetensors.h"
 #include "kernels/check.h"
@@ -60,7 +61,6 @@ void add_moe_peft(std::vector<std::pair<std::string, at::Tensor>>& out, const st
 
 void save_adapter(const std::vector<moe::NamedTensor>& whole, const moe::AdapterSpec& spec,
                   const std::string& dir, const std::string& base_model) {
-  fs::create_directories(dir);
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   json config = {{"peft_type", peft_type(spec.method)}, {"task_type", "CAUSAL_LM"},
                  {"base_model_name_or_path", base_model}, {"bias", "none"},
@@ -110,8 +110,10 @@ void save_adapter(const std::vector<moe::NamedTensor>& whole, const moe::Adapter
     for (const auto& [name, t] : whole) add_moe_peft(tensors, prefix, name, t);
   }
   MOLE_CHECK(!tensors.empty(), "save_adapter: the model carries no adapter weights");
-  st::save_file(dir + "/adapter_model.safetensors", tensors, {{"format", "pt"}});
-  write_json_file(dir + "/adapter_config.json", config);
+  write_files_atomic(dir, [&](const std::string& out) {
+    st::save_file(out + "/adapter_model.safetensors", tensors, {{"format", "pt"}});
+    write_json_file(out + "/adapter_config.json", config);
+  });
   spdlog::info("wrote {} adapter ({} tensors) to {}", peft_type(spec.method), tensors.size(), dir);
 }
 
@@ -127,15 +129,14 @@ void save_adapter(const moe::CausalLM& model, const moe::AdapterSpec& spec, cons
   save_adapter(whole, spec, dir, base_model);
 }
 
-void save_hf_model(moe::CausalLM& model, const std::string& dir) {
-  fs::create_directories(dir);
+void save_hf_model(moe::CausalLM& model, const std::string& dir,
+                   const std::map<std::string, std::string>& extra_files) {
   const moe::ModelConfig& c = model.config();
   MOLE_CHECK(c.rope.type == "default", "save_hf_model: only default RoPE is written");
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   model.for_each_base_parameter([&](const std::string& name, const at::Tensor& t) {
     tensors.emplace_back(name, t.detach());
   });
-  st::save_file(dir + "/model.safetensors", tensors, {{"format", "pt"}});
   json config = {{"architectures", {"LlamaForCausalLM"}},
                  {"model_type", "llama"},
                  {"vocab_size", c.vocab_size},
@@ -153,7 +154,11 @@ void save_hf_model(moe::CausalLM& model, const std::string& dir) {
                  {"tie_word_embeddings", c.tie_word_embeddings},
                  {"max_position_embeddings", c.max_position_embeddings},
                  {"torch_dtype", model.options().dtype() == at::kBFloat16 ? "bfloat16" : "float32"}};
-  write_json_file(dir + "/config.json", config);
+  write_files_atomic(dir, [&](const std::string& out) {
+    st::save_file(out + "/model.safetensors", tensors, {{"format", "pt"}});
+    write_json_file(out + "/config.json", config);
+    for (const auto& [name, bytes] : extra_files) write_file_atomic(out + "/" + name, bytes);
+  });
 }
 
 }  // namespace mole::ckpt

@@ -3,6 +3,7 @@
 // `mole forward --adapter` reproduces the model that wrote them.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -24,7 +25,9 @@ void save_adapter(const moe::CausalLM& model, const moe::AdapterSpec& spec, cons
                   const std::string& base_model);
 
 // Writes `model`'s frozen weights and a transformers-readable config.json (model_type llama)
-// into `dir`: a Hugging Face folder that `load_model` and transformers can read.
-void save_hf_model(moe::CausalLM& model, const std::string& dir);
+// into `dir`, with `extra_files` (name -> bytes, e.g. the tokenizer's): a Hugging Face folder
+// that `load_model` and transformers can read. All files land together or none does.
+void save_hf_model(moe::CausalLM& model, const std::string& dir,
+                   const std::map<std::string, std::string>& extra_files = {});
 
 }  // namespace mole::ckpt

@@ -5,6 +5,8 @@
 #include <fstream>
 #include <iterator>
 
+#include "checkpoint/atomic_file.h"
+
 namespace mole::ckpt {
 
 nlohmann::json read_json_file(const std::string& path) {
@@ -18,14 +20,7 @@ nlohmann::json read_json_file(const std::string& path) {
 }
 
 void write_json_file(const std::string& path, const nlohmann::json& value) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp);
-    MOLE_CHECK(out.good(), "cannot write '", path, "'");
-    out << value.dump(2) << "\n";
-    MOLE_CHECK(out.good(), "cannot write '", path, "'");
-  }
-  std::filesystem::rename(tmp, path);
+  write_file_atomic(path, value.dump(2) + "\n");
 }
 
 }  // namespace mole::ckpt

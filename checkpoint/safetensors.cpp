@@ -18,6 +18,7 @@
 #include <optional>
 #include <set>
 
+#include "checkpoint/atomic_file.h"
 #include "kernels/check.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
@@ -94,51 +95,6 @@ std::optional<Dtype> from_scalar_type(at::ScalarType type) {
       return std::nullopt;
   }
 }
-
-// Writes a file atomically: `<path>.tmp.<pid>` in the same folder, fsync, rename over `path`.
-// The temporary file is removed if anything fails before the rename.
-class AtomicFile {
- public:
-  explicit AtomicFile(std::string path)
-      : path_(std::move(path)), tmp_(path_ + ".tmp." + std::to_string(::getpid())) {
-    file_ = std::fopen(tmp_.c_str(), "wb");
-    MOLE_CHECK(file_ != nullptr, "cannot create '", tmp_, "' to write '", path_,
-               "': ", errno_text());
-  }
-  ~AtomicFile() {
-    if (file_) std::fclose(file_);
-    if (!committed_) std::remove(tmp_.c_str());
-  }
-  AtomicFile(const AtomicFile&) = delete;
-  AtomicFile& operator=(const AtomicFile&) = delete;
-
-  void write(const void* data, size_t size) {
-    if (size == 0) return;
-    MOLE_CHECK(std::fwrite(data, 1, size, file_) == size, "cannot write '", path_, "' (via '", tmp_,
-               "'): ", errno_text());
-  }
-
-  void commit() {
-    MOLE_CHECK(std::fflush(file_) == 0 && ::fsync(::fileno(file_)) == 0, "cannot write '", path_,
-               "' (via '", tmp_, "'): ", errno_text());
-    const int closed = std::fclose(file_);
-    file_ = nullptr;
-    MOLE_CHECK(closed == 0, "cannot write '", path_, "' (via '", tmp_, "'): ", errno_text());
-    MOLE_CHECK(std::rename(tmp_.c_str(), path_.c_str()) == 0, "cannot rename '", tmp_, "' to '",
-               path_, "': ", errno_text());
-    committed_ = true;
-    // Make the rename itself durable; failure here is harmless for correctness.
-    std::string dir = fs::path(path_).parent_path().string();
-    FdGuard d{::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY)};
-    if (d.fd >= 0) ::fsync(d.fd);
-  }
-
- private:
-  std::string path_;
-  std::string tmp_;
-  std::FILE* file_ = nullptr;
-  bool committed_ = false;
-};
 
 void check_names(const std::string& path,
                  const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
@@ -249,7 +205,7 @@ void save_file(const std::string& path,
   uint8_t length[8];
   for (int i = 0; i < 8; ++i) length[i] = static_cast<uint8_t>(uint64_t{text.size()} >> (8 * i));
 
-  AtomicFile out(path);
+  ckpt::AtomicFile out(path);
   out.write(length, sizeof length);
   out.write(text.data(), text.size());
   for (const auto& [name, tensor] : tensors) {
@@ -364,7 +320,7 @@ void save_checkpoint(const std::string& dir,
   }
   const nlohmann::json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
   const std::string text = index.dump(2) + "\n";
-  AtomicFile out((folder / kIndexFile).string());
+  ckpt::AtomicFile out((folder / kIndexFile).string());
   out.write(text.data(), text.size());
   out.commit();
   fs::remove(folder / kSingleFile, ec);  // transformers would prefer a stale single file

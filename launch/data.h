@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -26,9 +27,14 @@ class Tokenizer {
 };
 
 // "byte": UTF-8 bytes as ids 3..258 with pad 0, bos 1, eos 2 (vocab 259), for the built-in demo.
-// Otherwise a sentencepiece model file (`tokenizer.model` of LLaMA-2-style models), or a folder
-// holding one. Errors name the path.
+// Otherwise a sentencepiece model file (`tokenizer.model` of LLaMA-2-style models), or a model
+// folder holding one, or holding a `tokenizer_config.json` with "mole_tokenizer": "byte" (what
+// mole writes next to the demo's synthetic base). Errors name the path.
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& spec);
+
+// The files (name -> bytes) that make a model folder carry the tokenizer `spec`, so that
+// make_tokenizer(folder) finds it again: tokenizer_config.json for "byte", else tokenizer.model.
+std::map<std::string, std::string> tokenizer_files(const std::string& spec);
 
 struct Example {
   std::vector<int64_t> input_ids;  // bos + prompt + response + eos, truncated to seq_len

@@ -1,5 +1,6 @@
 // `mole forward`: one forward pass of a Hugging Face model (optionally with an adapter) over
-// token ids from a safetensors file; logits and loss to another safetensors file.
+// token ids from a safetensors file, or over a text tokenized with the model's tokenizer; logits
+// and loss to another safetensors file, the loss and the likeliest next tokens to the log.
 #pragma once
 
 #include <string>
@@ -14,6 +15,8 @@ struct ForwardOptions {
   std::string model_dir;
   std::string adapter_dir;  // empty: base model only
   std::string input;        // safetensors with input_ids int64 [B,S], optional labels int64 [B,S]
+  std::string text;         // instead of input: one sequence, bos + the text's tokens, all scored
+  std::string tokenizer;    // for text; empty: the model folder's
   std::string output;       // safetensors with logits float32 [B,S,V], loss float32 [1]
   std::string device = "cpu";
   std::string dtype = "fp32";

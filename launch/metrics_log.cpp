@@ -13,6 +13,7 @@
 #include <system_error>
 #include <vector>
 
+#include "checkpoint/atomic_file.h"
 #include "kernels/check.h"
 #include "proto/tensorboard_event.pb.h"
 
@@ -82,8 +83,7 @@ TensorBoardWriter::TensorBoardWriter(const std::string& dir) {
            ("events.out.tfevents." + std::to_string(static_cast<int64_t>(now)) + "." +
             host_name() + "." + std::to_string(::getpid()) + ".mole"))
               .string();
-  out_.open(path_, std::ios::binary | std::ios::trunc);
-  MOLE_CHECK(out_.is_open(), "cannot open TensorBoard event file ", path_, " for writing");
+  out_ = std::make_unique<ckpt::AppendLog>(path_);
 
   tb::Event event;
   event.set_wall_time(now);
@@ -96,9 +96,10 @@ TensorBoardWriter::TensorBoardWriter(const std::string& dir) {
 }
 
 TensorBoardWriter::~TensorBoardWriter() {
-  if (out_.is_open()) {
-    out_.flush();
-    out_.close();
+  try {
+    flush();
+  } catch (const Error&) {
+    // Reported by the flush the owner made; a destructor cannot report it again.
   }
 }
 
@@ -115,8 +116,10 @@ void TensorBoardWriter::add_scalar(const std::string& tag, int64_t step, double 
 }
 
 void TensorBoardWriter::flush() {
-  out_.flush();
-  MOLE_CHECK(out_.good(), "cannot flush TensorBoard event file ", path_);
+  if (pending_.empty()) return;
+  std::string records;
+  records.swap(pending_);
+  out_->append(records);
 }
 
 void TensorBoardWriter::write_record(const std::string& payload) {
@@ -127,8 +130,7 @@ void TensorBoardWriter::write_record(const std::string& payload) {
   put_le(record, masked_crc32c(length.data(), length.size()), 4);
   record += payload;
   put_le(record, masked_crc32c(payload.data(), payload.size()), 4);
-  out_.write(record.data(), static_cast<std::streamsize>(record.size()));
-  MOLE_CHECK(out_.good(), "cannot write to TensorBoard event file ", path_);
+  pending_ += record;
 }
 
 std::vector<ScalarEvent> read_tensorboard_scalars(const std::string& path) {

@@ -10,11 +10,16 @@
 #include <string>
 #include <vector>
 
+namespace mole::ckpt {
+class AppendLog;
+}  // namespace mole::ckpt
+
 namespace mole::launch {
 
 // TensorBoard event file in `dir` (created if missing): a file_version event first, then scalar
 // events. Each record is length + masked CRC32C of the length, payload + masked CRC32C of the
-// payload, as TFRecord specifies.
+// payload, as TFRecord specifies. Scalars are held until flush(), which appends them whole or not
+// at all (a failed write never leaves a cut record).
 class TensorBoardWriter {
  public:
   explicit TensorBoardWriter(const std::string& dir);
@@ -29,7 +34,8 @@ class TensorBoardWriter {
  private:
   void write_record(const std::string& payload);
   std::string path_;
-  std::ofstream out_;
+  std::unique_ptr<ckpt::AppendLog> out_;
+  std::string pending_;
 };
 
 // One scalar event read back from an event file (for tests and `mole inspect`).

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/atomic_file.h"
 #include "kernels/check.h"
 #include "launch/memory_stats.h"
 #include "launch/metrics_log.h"
@@ -73,9 +74,8 @@ MetricsSink::MetricsSink(const Config& config, bool lead, bool show_progress, bo
   summary_.eval_loss = std::nan("");
   if (lead_) {
     fs::create_directories(config.log.dir);
-    std::ofstream(config.log.dir + "/config.yaml") << to_yaml(config);
-    metrics_.open(config.log.dir + "/metrics.jsonl", std::ios::app);
-    MOLE_CHECK(metrics_.good(), "cannot write '", config.log.dir, "/metrics.jsonl'");
+    ckpt::write_file_atomic(config.log.dir + "/config.yaml", to_yaml(config));
+    metrics_ = std::make_unique<ckpt::AppendLog>(config.log.dir + "/metrics.jsonl");
     if (config.log.tensorboard) tb_ = std::make_unique<TensorBoardWriter>(config.log.dir);
   }
   start_ = window_start_ = Clock::now();
@@ -128,23 +128,19 @@ void MetricsSink::log_step(int64_t done, const StepResult& r, double elapsed) {
     for (const auto& [site, l] : r.expert_loads) loads[site] = l;
     line["expert_load"] = loads;
   }
-  metrics_ << line.dump() << "\n";
-  metrics_.flush();
-  if (tb_) {
-    tb_->add_scalar("train/loss", done, r.loss);
-    tb_->add_scalar("train/lr", done, r.lr);
-    tb_->add_scalar("train/grad_norm", done, r.grad_norm);
-    tb_->add_scalar("train/tokens_per_s", done, tps);
-    if (moe_) {
-      tb_->add_scalar("train/aux_loss", done, r.aux_loss);
-      for (const auto& [site, l] : r.expert_loads) {
-        for (size_t e = 0; e < l.size(); ++e) {
-          tb_->add_scalar("expert_load/" + site + "/" + std::to_string(e), done, l[e]);
-        }
+  write_line(line.dump());
+  std::vector<std::pair<std::string, double>> scalars = {
+      {"train/loss", r.loss}, {"train/lr", r.lr}, {"train/grad_norm", r.grad_norm},
+      {"train/tokens_per_s", tps}};
+  if (moe_) {
+    scalars.emplace_back("train/aux_loss", r.aux_loss);
+    for (const auto& [site, l] : r.expert_loads) {
+      for (size_t e = 0; e < l.size(); ++e) {
+        scalars.emplace_back("expert_load/" + site + "/" + std::to_string(e), l[e]);
       }
     }
-    tb_->flush();
   }
+  write_scalars(scalars, done);
   window_start_ = Clock::now();
   window_tokens_ = 0;
 }
@@ -154,13 +150,39 @@ void MetricsSink::on_eval(int64_t step, const EvalResult& e) {
   summary_.eval_loss = e.loss;
   summary_.eval_accuracy = e.accuracy;
   spdlog::info("eval step {} | loss {:.4f} | accuracy {:.3f} over {} tokens", step, e.loss, e.accuracy, e.tokens);
-  metrics_ << nlohmann::json{{"step", step}, {"eval_loss", e.loss}, {"eval_accuracy", e.accuracy}}.dump() << "\n";
-  metrics_.flush();
-  if (tb_) {
-    tb_->add_scalar("eval/loss", step, e.loss);
-    tb_->add_scalar("eval/accuracy", step, e.accuracy);
-    tb_->flush();
+  write_line(nlohmann::json{{"step", step}, {"eval_loss", e.loss}, {"eval_accuracy", e.accuracy}}.dump());
+  write_scalars({{"eval/loss", e.loss}, {"eval/accuracy", e.accuracy}}, step);
+}
+
+void MetricsSink::write_line(const std::string& line) {
+  if (!metrics_) return;
+  try {
+    metrics_->append_line(line);
+  } catch (const Error& e) {
+    metrics_.reset();
+    log_failed("metrics.jsonl", e.what());
   }
+}
+
+void MetricsSink::write_scalars(const std::vector<std::pair<std::string, double>>& scalars,
+                                int64_t step) {
+  if (!tb_) return;
+  try {
+    for (const auto& [tag, value] : scalars) tb_->add_scalar(tag, step, value);
+    tb_->flush();
+  } catch (const Error& e) {
+    tb_.reset();
+    log_failed("the TensorBoard events", e.what());
+  }
+}
+
+// A log that cannot be written is closed; training goes on, since the weights are worth more
+// than the log, and the run ends with this error once the adapter is saved.
+void MetricsSink::log_failed(const std::string& what, const std::string& error) {
+  spdlog::error("{}; {} will not be written further, training goes on and the run will end with "
+                "an error after the adapter is saved",
+                error, what);
+  if (log_error_.empty()) log_error_ = error;
 }
 
 TrainSummary MetricsSink::summary() const {
@@ -179,7 +201,7 @@ void MetricsSink::write_summary(const TrainSummary& s) const {
     done["eval_loss"] = s.eval_loss;
     done["eval_accuracy"] = s.eval_accuracy;
   }
-  std::ofstream(config_.log.dir + "/summary.json") << done.dump(2) << "\n";
+  ckpt::write_file_atomic(config_.log.dir + "/summary.json", done.dump(2) + "\n");
 }
 
 }  // namespace mole::launch

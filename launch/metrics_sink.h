@@ -8,12 +8,17 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
-#include <fstream>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "launch/config.h"
 #include "launch/train_step.h"
+
+namespace mole::ckpt {
+class AppendLog;
+}  // namespace mole::ckpt
 
 namespace mole::launch {
 
@@ -58,18 +63,26 @@ class MetricsSink {
   void on_eval(int64_t step, const EvalResult& eval);
   // The run's summary so far (wall time up to now; eval from the last on_eval()).
   TrainSummary summary() const;
-  // Rank 0 writes summary.json.
+  // Rank 0 writes summary.json (whole or not at all; a failure throws naming the file).
   void write_summary(const TrainSummary& summary) const;
+  // The first failed write to metrics.jsonl or the TensorBoard events (empty when none). A
+  // failed log is closed with a warning and training goes on: the run ends with an error after
+  // the adapter is saved.
+  const std::string& log_error() const { return log_error_; }
   bool lead() const { return lead_; }
 
  private:
   using Clock = std::chrono::steady_clock;
   void log_step(int64_t done, const StepResult& r, double elapsed);
+  void write_line(const std::string& line);
+  void write_scalars(const std::vector<std::pair<std::string, double>>& scalars, int64_t step);
+  void log_failed(const std::string& what, const std::string& error);
 
   const Config& config_;
   bool lead_, tty_, moe_;
   at::Device device_;
-  std::ofstream metrics_;
+  std::unique_ptr<ckpt::AppendLog> metrics_;
+  std::string log_error_;
   std::unique_ptr<TensorBoardWriter> tb_;
   TrainSummary summary_;
   Clock::time_point start_, window_start_;

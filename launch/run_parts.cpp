@@ -180,8 +180,9 @@ RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid) {
   const Config& c = run.config;
   // The weight initialisation draws from the seed alone, so every rank builds the same adapter.
   at::Generator init_gen = at::make_generator<at::CPUGeneratorImpl>(c.train.seed);
-  std::string tokenizer_spec = c.data.tokenizer;
-  if (tokenizer_spec.empty()) tokenizer_spec = run.synthetic_base() ? "byte" : c.model.base;
+  run.tokenizer_spec = c.data.tokenizer;
+  if (run.tokenizer_spec.empty()) run.tokenizer_spec = run.synthetic_base() ? "byte" : c.model.base;
+  const std::string& tokenizer_spec = run.tokenizer_spec;
   run.tokenizer = make_tokenizer(tokenizer_spec);
 
   const at::TensorOptions options = model_options(c);

@@ -27,6 +27,7 @@ struct RunParts {
   Config config;
   std::shared_ptr<parallel::ProcessGrid> grid;  // null for one process
   std::unique_ptr<Tokenizer> tokenizer;
+  std::string tokenizer_spec;  // data.tokenizer, or what it defaults to
   std::unique_ptr<moe::CausalLM> model;
   moe::AdapterSpec spec;
   // Expert parallelism (parallel.ep > 1): how sites reach remote experts; null otherwise.

@@ -528,6 +528,28 @@ class SentencePieceTokenizer final : public Tokenizer {
 
 }  // namespace
 
+namespace {
+
+constexpr const char* kByteConfig = "tokenizer_config.json";
+
+// The tokenizer_config.json mole writes for the byte tokenizer: its own key, plus the special
+// tokens in the transformers spelling for readers that look.
+std::string byte_tokenizer_config() {
+  return "{\n  \"mole_tokenizer\": \"byte\",\n  \"comment\": \"UTF-8 bytes as ids 3..258, pad 0, bos 1, "
+         "eos 2 (mole's byte tokenizer)\",\n  \"pad_token_id\": 0,\n  \"bos_token_id\": 1,\n  "
+         "\"eos_token_id\": 2\n}\n";
+}
+
+std::string read_file(const std::string& path, const std::string& what) {
+  std::ifstream file(path, std::ios::binary);
+  MOLE_CHECK(file.is_open(), "tokenizer: cannot open '", path, "' (", what, ")");
+  std::string bytes{std::istreambuf_iterator<char>(file), {}};
+  MOLE_CHECK(!file.bad(), "tokenizer: error reading '", path, "'");
+  return bytes;
+}
+
+}  // namespace
+
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& spec) {
   if (spec == "byte") return std::make_unique<ByteTokenizer>();
   MOLE_CHECK(!spec.empty(), "tokenizer: empty path (use \"byte\" or a sentencepiece model)");
@@ -535,15 +557,30 @@ std::unique_ptr<Tokenizer> make_tokenizer(const std::string& spec) {
   std::string path = spec;
   if (fs::is_directory(path)) {
     path = (fs::path(spec) / "tokenizer.model").string();
+    const std::string config = (fs::path(spec) / kByteConfig).string();
+    if (!fs::is_regular_file(path) && fs::is_regular_file(config) &&
+        read_file(config, "the folder's tokenizer_config.json").find("\"mole_tokenizer\": \"byte\"") !=
+            std::string::npos) {
+      return std::make_unique<ByteTokenizer>();
+    }
     MOLE_CHECK(fs::is_regular_file(path), "tokenizer: folder '", spec,
-               "' holds no tokenizer.model");
+               "' holds no tokenizer.model (nor a tokenizer_config.json naming mole's byte "
+               "tokenizer); set data.tokenizer to a tokenizer.model file or \"byte\"");
   }
-  std::ifstream file(path, std::ios::binary);
-  MOLE_CHECK(file.is_open(), "tokenizer: cannot open '", path,
-             "' (expected \"byte\", a sentencepiece model or a folder with tokenizer.model)");
-  const std::string serialized{std::istreambuf_iterator<char>(file), {}};
-  MOLE_CHECK(!file.bad(), "tokenizer: error reading '", path, "'");
+  const std::string serialized = read_file(
+      path, "expected \"byte\", a sentencepiece model or a folder with tokenizer.model");
   return std::make_unique<SentencePieceTokenizer>(serialized, path);
+}
+
+std::map<std::string, std::string> tokenizer_files(const std::string& spec) {
+  if (spec == "byte") return {{kByteConfig, byte_tokenizer_config()}};
+  namespace fs = std::filesystem;
+  if (fs::is_directory(spec)) {
+    const std::string model = (fs::path(spec) / "tokenizer.model").string();
+    if (fs::is_regular_file(model)) return {{"tokenizer.model", read_file(model, "tokenizer.model")}};
+    return {{kByteConfig, read_file((fs::path(spec) / kByteConfig).string(), "tokenizer_config.json")}};
+  }
+  return {{"tokenizer.model", read_file(spec, "tokenizer.model")}};
 }
 
 }  // namespace mole::launch

@@ -131,6 +131,31 @@ StepResult accumulate_gradients(RunParts& run, const StepCounters& counters) {
   return r;
 }
 
+std::string non_finite_hint(const moe::CausalLM& model) {
+  std::string worst_name;
+  double worst = -1.0;
+  model.for_each_base_parameter([&](const std::string& name, const at::Tensor& t) {
+    if ((!worst_name.empty() && !std::isfinite(worst)) || t.numel() == 0) return;
+    const double m = t.detach().abs().max().item<double>();  // NaN when t holds one
+    if (!std::isfinite(m) || m > worst) {
+      worst = m;
+      worst_name = name;
+    }
+  });
+  if (!std::isfinite(worst)) {
+    return "the base weight '" + worst_name + "' holds non-finite values: the base model is damaged";
+  }
+  // Trained LLaMA-family weights stay far below this; larger ones overflow in the norms.
+  if (worst > 1e4) {
+    return fmt::format("the base weight '{}' reaches |w| = {:.3g}, far beyond a trained model's "
+                       "range (it overflows the activations): check the base model",
+                       worst_name, worst);
+  }
+  return fmt::format("the base weights look sane (largest |w| = {:.3g}, in '{}'): lower train.lr "
+                     "or check the data",
+                     worst, worst_name);
+}
+
 void apply_update(RunParts& run, StepCounters& counters, StepResult& r) {
   const Config& c = run.config;
   parallel::Optimizer& optimizer = *run.optimizer;
@@ -145,7 +170,7 @@ void apply_update(RunParts& run, StepCounters& counters, StepResult& r) {
     MOLE_CHECK(counters.consecutive_bad < c.train.max_bad_steps, "stopping: ",
                counters.consecutive_bad,
                " consecutive steps had a non-finite loss or gradient (train.max_bad_steps = ",
-               c.train.max_bad_steps, "); lower train.lr or check the data");
+               c.train.max_bad_steps, "); ", non_finite_hint(*run.model));
   } else {
     counters.consecutive_bad = 0;
     optimizer.clip(c.train.clip, r.grad_norm);

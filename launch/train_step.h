@@ -47,4 +47,8 @@ StepResult accumulate_gradients(RunParts& run, const StepCounters& counters);
 // non-finite steps. Collective on several ranks (the gradient norm).
 void apply_update(RunParts& run, StepCounters& counters, StepResult& result);
 
+// What to check when steps keep coming out non-finite, from the frozen base weights: a tensor
+// holding NaN/inf or extreme values (named), or else the learning rate and the data.
+std::string non_finite_hint(const moe::CausalLM& model);
+
 }  // namespace mole::launch

@@ -45,9 +45,16 @@ TrainSummary Trainer::run() {
   const TrainSummary summary = sink.summary();
   MOLE_CHECK(summary.skipped_steps < summary.steps, "every one of the ", summary.steps,
              " steps had a non-finite loss or gradient and was skipped: nothing was trained and no "
-             "adapter was written (lower train.lr or check the data and the base weights)");
-  export_adapter();
+             "adapter was written; ", non_finite_hint(*parts_.model));
+  try {
+    export_adapter();
+  } catch (const Error& e) {
+    if (sink.log_error().empty()) throw;
+    MOLE_FAIL(e.what(), " (the run's logs had failed before: ", sink.log_error(), ")");
+  }
   sink.write_summary(summary);
+  MOLE_CHECK(sink.log_error().empty(), "training finished and the adapter was written to '", c.log.dir,
+             "/adapter', but the run's logs are incomplete: ", sink.log_error());
   return summary;
 }
 
@@ -71,8 +78,12 @@ void Trainer::export_adapter() {
                "/adapter'");
   }
   const std::string base = parts_.synthetic_base() ? c.log.dir + "/base" : c.model.base;
-  if (parts_.synthetic_base()) ckpt::save_hf_model(*parts_.model, base);
+  // The adapter first: it is what the run made (the synthetic base can be made again).
   ckpt::save_adapter(whole, parts_.spec, c.log.dir + "/adapter", base);
+  // With its tokenizer, so that training or `mole forward --text` on base/ needs no other setting.
+  if (parts_.synthetic_base()) {
+    ckpt::save_hf_model(*parts_.model, base, tokenizer_files(parts_.tokenizer_spec));
+  }
 }
 
 TrainerState Trainer::state() const {
