@@ -5,6 +5,9 @@
 #include <ATen/ATen.h>
 #include <spdlog/spdlog.h>
 
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -158,8 +161,11 @@ bool is_blank(const std::string& line) {
 void load_jsonl(const DataOptions& options, const Tokenizer& tokenizer, std::vector<Example>& out,
                 DatasetStats& stats) {
   const std::string& path = options.path;
+  std::error_code ec;
+  MOLE_CHECK(!std::filesystem::is_directory(path, ec), "data file '", path,
+             "' is a directory; data.train and data.eval name a JSONL file");
   std::ifstream file(path, std::ios::binary);
-  MOLE_CHECK(file.is_open(), "data file '", path, "' cannot be opened");
+  MOLE_CHECK(file.is_open(), "data file '", path, "' cannot be opened: ", std::strerror(errno));
   std::string line;
   int64_t records = 0;
   for (int64_t number = 1; std::getline(file, line); ++number) {

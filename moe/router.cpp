@@ -178,6 +178,14 @@ Routing route_switch(const at::Tensor& order_TE, const at::Tensor& sorted_p_TE,
 
 // The fused CUDA router's rule for `options`; switch has none (its capacity is filled in token
 // order, which the per-token kernels do not see).
+int64_t fixed_pairs_per_token(const RouterOptions& options, int64_t num_experts) {
+  if (options.strategy == RoutingStrategy::kTopK) return options.top_k;
+  if (options.strategy == RoutingStrategy::kDense) return num_experts;
+  return 0;
+}
+
+}  // namespace
+
 std::optional<kernels::RouterSelect> fused_select(const RouterOptions& options) {
   kernels::RouterSelect select;
   switch (options.strategy) {
@@ -194,14 +202,6 @@ std::optional<kernels::RouterSelect> fused_select(const RouterOptions& options) 
   select.keep_top_k = options.keep_top_k;
   return select;
 }
-
-int64_t fixed_pairs_per_token(const RouterOptions& options, int64_t num_experts) {
-  if (options.strategy == RoutingStrategy::kTopK) return options.top_k;
-  if (options.strategy == RoutingStrategy::kDense) return num_experts;
-  return 0;
-}
-
-}  // namespace
 
 RouterOutput route(const at::Tensor& logits_TE, const RouterOptions& options) {
   MOLE_CHECK(logits_TE.dim() == 2, "router logits must be [T, E], got ", logits_TE.sizes());

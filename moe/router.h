@@ -16,6 +16,8 @@
 #include <optional>
 #include <string>
 
+#include "kernels/router_select.h"
+
 namespace mole::moe {
 
 enum class RoutingStrategy { kTopK, kTopP, kSwitch, kDynMole, kDense };
@@ -74,6 +76,10 @@ at::Tensor router_logits(const at::Tensor& x_TD, const at::Tensor& weight_ED, do
 // lies within float32 rounding of its threshold), probabilities and weights within float32
 // rounding; one device-to-host copy (the pair count) for topp and dynmole, none otherwise.
 RouterOutput route(const at::Tensor& logits_TE, const RouterOptions& options);
+
+// The fused router kernels' description of `options`' selection rule; none for switch routing
+// (its capacity is not a per-token rule).
+std::optional<kernels::RouterSelect> fused_select(const RouterOptions& options);
 
 // Normalised Tsallis entropy per token: (1 - sum p^q)/(q - 1) divided by its maximum
 // (1 - E^(1-q))/(q - 1); Shannon entropy / ln E at q = 1. In [0, 1]; differentiable.

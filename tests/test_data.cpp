@@ -152,7 +152,10 @@ TEST(DataErrors, EmptyBlankAndMissingFiles) {
   auto tok = make_tokenizer("byte");
   DataOptions o;
   o.path = dir.file("missing.jsonl");
-  expect_all(error_of([&] { load_dataset(o, *tok); }), {o.path, "cannot be opened"});
+  expect_all(error_of([&] { load_dataset(o, *tok); }),
+             {o.path, "cannot be opened: No such file or directory"});
+  o.path = dir.path();
+  expect_all(error_of([&] { load_dataset(o, *tok); }), {"data file '" + dir.path() + "' is a directory"});
 }
 
 TEST(DataErrors, BadOptions) {

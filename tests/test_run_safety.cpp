@@ -97,7 +97,8 @@ TEST(RunSafety, ExportDoesNotWriteOverAnAdapter) {
   EXPECT_EQ(replaced.exit_code, 0) << replaced.output;
 }
 
-// Under mpirun the ranks' log lines reach a file without terminal colour codes.
+// Under mpirun the ranks' log lines reach a file without terminal colour codes, and a run folder
+// holding another run is refused on every rank.
 TEST(RunSafety, NoColourCodesUnderMpirun) {
   test::TempDir dir;
   const std::string config = write_config(dir, "adapter: {method: lora}\n");
@@ -107,6 +108,16 @@ TEST(RunSafety, NoColourCodesUnderMpirun) {
   ASSERT_EQ(run.exit_code, 0) << run.output;
   EXPECT_NE(run.output.find("data parallel over 2 ranks"), std::string::npos) << run.output;
   EXPECT_EQ(run.output.find("\x1b["), std::string::npos) << run.output;
+  // The same folder again under mpirun: every rank stops with the reason, none hangs, the first
+  // run's files stay.
+  const std::string metrics = test::read_bytes(dir.file("run/metrics.jsonl"));
+  const test::CommandResult again = test::run_command(
+      std::string(MOLE_MPIRUN) + " -np 2 " + MOLE_BINARY + " " +
+      train_args(config, dir.file("run"), "--set train.global_batch=4"));
+  EXPECT_NE(again.exit_code, 0) << again.output;
+  EXPECT_NE(again.output.find("log.dir '" + dir.file("run") + "' holds another run"), std::string::npos)
+      << again.output;
+  EXPECT_EQ(test::read_bytes(dir.file("run/metrics.jsonl")), metrics);
 }
 
 // A finished run's base/ (which carries its tokenizer, so it trains with no other setting) and a

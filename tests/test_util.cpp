@@ -46,6 +46,20 @@ double rel_error(const at::Tensor& x, const at::Tensor& ref) {
   return denom == 0.0 ? num : num / denom;
 }
 
+double expect_close(const at::Tensor& got, const at::Tensor& want, double tol,
+                    const std::string& what) {
+  EXPECT_EQ(got.scalar_type(), want.scalar_type()) << what;
+  const double err = rel_error(got, want);
+  if (err < tol) return err;
+  at::Tensor a = got.detach().to(at::kCPU, at::kDouble).flatten();
+  at::Tensor b = want.detach().to(at::kCPU, at::kDouble).flatten();
+  const int64_t worst = a.numel() > 0 ? (a - b).abs().argmax().item<int64_t>() : -1;
+  ADD_FAILURE() << what << ": rel error " << sci(err) << " >= " << sci(tol) << "; worst element "
+                << worst << ": got " << (worst >= 0 ? a[worst].item<double>() : 0.0) << ", want "
+                << (worst >= 0 ? b[worst].item<double>() : 0.0);
+  return err;
+}
+
 std::string error_of(const std::function<void()>& fn) {
   try {
     fn();

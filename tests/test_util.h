@@ -19,6 +19,10 @@ std::string sci(double value);
 // ||x - ref|| / ||ref|| in float64.
 double rel_error(const at::Tensor& x, const at::Tensor& ref);
 
+// rel_error(got, want) below `tol` (and the same dtype), else a test failure naming `what` and the
+// worst element; returns the error.
+double expect_close(const at::Tensor& got, const at::Tensor& want, double tol, const std::string& what);
+
 // The message of the mole::Error that `fn` throws, or "<no error>".
 std::string error_of(const std::function<void()>& fn);
 

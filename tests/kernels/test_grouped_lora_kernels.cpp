@@ -146,21 +146,7 @@ at::Tensor aten_xa(const Inputs& in) {
   return parts.empty() ? at::empty({0, in.a_ErI.size(1)}, at::kDouble) : at::cat(parts);
 }
 
-// rel_error below `tol`, naming the worst element on failure; returns the error.
-double expect_close(const at::Tensor& got, const at::Tensor& want, double tol,
-                    const std::string& what) {
-  EXPECT_EQ(got.scalar_type(), want.scalar_type()) << what;
-  const double err = test::rel_error(got, want);
-  if (err < tol) return err;
-  at::Tensor a = got.detach().to(at::kCPU, at::kDouble).flatten();
-  at::Tensor b = want.detach().to(at::kCPU, at::kDouble).flatten();
-  const int64_t worst = a.numel() > 0 ? (a - b).abs().argmax().item<int64_t>() : -1;
-  ADD_FAILURE() << what << ": rel error " << test::sci(err) << " >= " << test::sci(tol)
-                << "; worst element " << worst << ": got "
-                << (worst >= 0 ? a[worst].item<double>() : 0.0) << ", want "
-                << (worst >= 0 ? b[worst].item<double>() : 0.0);
-  return err;
-}
+using test::expect_close;
 
 // Tolerances (relative, whole tensor): output rows in the row dtype (y, gx), weight gradients in
 // the weights' dtype (gA, gB).

@@ -101,19 +101,7 @@ at::Tensor grad_of(const at::Tensor& t) {
   return t.grad().defined() ? t.grad() : at::zeros_like(t);
 }
 
-// rel_error below `tol`, naming the worst element on failure.
-void expect_close(const at::Tensor& got, const at::Tensor& want, double tol,
-                  const std::string& what) {
-  const double err = test::rel_error(got, want);
-  if (err < tol) return;
-  at::Tensor a = got.detach().to(at::kCPU, at::kDouble).flatten();
-  at::Tensor b = want.detach().to(at::kCPU, at::kDouble).flatten();
-  const int64_t worst = a.numel() > 0 ? (a - b).abs().argmax().item<int64_t>() : -1;
-  ADD_FAILURE() << what << ": rel error " << test::sci(err) << " >= " << test::sci(tol)
-                << "; worst element " << worst << ": got "
-                << (worst >= 0 ? a[worst].item<double>() : 0.0) << ", want "
-                << (worst >= 0 ? b[worst].item<double>() : 0.0);
-}
+using test::expect_close;
 
 struct Case {
   std::string name;

@@ -41,30 +41,9 @@ constexpr double kForwardTol = 1e-6;   // probabilities and weights; measured 2.
 constexpr double kBackwardTol = 5e-6;  // the logits' gradient; measured 7.2e-7 on the CPU
 
 RouterSelect select_of(const RouterOptions& options) {
-  RouterSelect select;
-  switch (options.strategy) {
-    case RoutingStrategy::kTopK:
-      select.rule = RouterRule::kTopK;
-      break;
-    case RoutingStrategy::kTopP:
-      select.rule = RouterRule::kTopP;
-      break;
-    case RoutingStrategy::kDynMole:
-      select.rule = RouterRule::kDynMole;
-      break;
-    case RoutingStrategy::kDense:
-      select.rule = RouterRule::kDense;
-      break;
-    case RoutingStrategy::kSwitch:
-      ADD_FAILURE() << "switch has no fused rule";
-      break;
-  }
-  select.top_k = options.top_k;
-  select.top_p = options.top_p;
-  select.entropy_q = options.entropy_q;
-  select.entropy_threshold = options.entropy_threshold;
-  select.keep_top_k = options.keep_top_k;
-  return select;
+  const std::optional<RouterSelect> select = moe::fused_select(options);
+  EXPECT_TRUE(select.has_value()) << "switch has no fused rule";
+  return select.value_or(RouterSelect{});
 }
 
 // The reference launchers on host tensors, chained as router_ops.cpp chains the CUDA ones.
