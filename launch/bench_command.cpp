@@ -125,7 +125,7 @@ void bench_moe(const BenchOptions& o) {
 
 void add_bench_command(CLI::App& app, BenchOptions& o) {
   CLI::App* cmd = app.add_subcommand("bench", "Benchmarks; prints a table and a JSON line");
-  cmd->add_option("what", o.what, "moe (MoE-LoRA layer vs LoRA), dispatch (expert parallelism, under mpirun), train (whole training steps at a model shape) or kernels (MoE primitives against the copy bandwidth)")->required()->check(CLI::IsMember({"moe", "dispatch", "train", "kernels"}));
+  cmd->add_option("what", o.what, "moe (MoE-LoRA layer vs LoRA), dispatch (expert parallelism, under mpirun), train (whole training steps at a model shape), kernels (MoE primitives against the copy bandwidth) or optimizer (reduction and update of an adapter's state for ZeRO 0/1/2, under mpirun)")->required()->check(CLI::IsMember({"moe", "dispatch", "train", "kernels", "optimizer"}));
   cmd->add_option("--tokens", o.tokens, "tokens per step");
   cmd->add_option("--hidden", o.hidden, "hidden size D");
   cmd->add_option("--intermediate", o.intermediate, "FFN size F");
@@ -138,16 +138,16 @@ void add_bench_command(CLI::App& app, BenchOptions& o) {
   cmd->add_option("--warmup", o.warmup, "untimed iterations first");
   cmd->add_option("--device", o.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--dtype", o.dtype, "fp32 or bf16 (default: bf16 on cuda, fp32 on cpu)")->check(CLI::IsMember({"fp32", "bf16"}));
-  cmd->add_option("--shape", o.shape, "train: tiny, tinyllama, llama-2-7b or llama-3-8b");
-  cmd->add_option("--method", o.method, "train: lora, mixlora, mola, dynmole or moelora");
+  cmd->add_option("--shape", o.shape, "train, optimizer: tiny, tinyllama, llama-2-7b or llama-3-8b");
+  cmd->add_option("--method", o.method, "train: lora, mixlora, mola, dynmole or moelora; optimizer: lora or mixlora");
   cmd->add_option("--batch", o.batch, "train: sequences per step");
   cmd->add_option("--seq", o.seq, "train: tokens per sequence");
-  cmd->add_option("--layers", o.layers, "train: keep the first N decoder layers (0: all)");
+  cmd->add_option("--layers", o.layers, "train, optimizer: keep the first N decoder layers (0: all)");
   cmd->add_option("--seed", o.seed, "train, kernels: seed of the weights, the tokens and the forward draws");
   cmd->add_option("--peak-tflops", o.peak_tflops, "train: the device's dense peak for MFU (default 989 on cuda)");
   cmd->add_flag("--json", o.json, "train, kernels: print only the JSON line");
   cmd->add_option("--site", o.site, "dispatch: linear or ffn")->check(CLI::IsMember({"linear", "ffn"}));
-  cmd->add_option("--backend", o.backend, "dispatch: auto, mpi, gloo or nccl");
+  cmd->add_option("--backend", o.backend, "dispatch, optimizer: auto, mpi, gloo or nccl");
 }
 
 void run_bench(const BenchOptions& options) {
@@ -161,6 +161,7 @@ void run_bench(const BenchOptions& options) {
   if (o.what == "dispatch") bench_dispatch(o);
   if (o.what == "train") bench_train(o);
   if (o.what == "kernels") bench_kernels(o);
+  if (o.what == "optimizer") bench_optimizer(o);
 }
 
 }  // namespace mole::launch

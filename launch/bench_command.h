@@ -57,6 +57,7 @@ void bench_dispatch(const BenchOptions& options);
 void bench_train(const BenchOptions& options);
 // One process (bench_kernels.cpp).
 void bench_kernels(const BenchOptions& options);
+void bench_optimizer(const BenchOptions& options);
 // Model FLOPs per token of a frozen-base LoRA training step at sequence length `seq` (the MFU
 // numerator): 4 P for the base matrix products (forward and input gradients) plus attention.
 double bench_train_model_flops_per_token(const moe::ModelConfig& model, int64_t seq);

@@ -197,6 +197,15 @@ void MetricsSink::write_summary(const TrainSummary& s) const {
   nlohmann::json done = {{"steps", s.steps}, {"skipped_steps", s.skipped_steps},
                          {"first_loss", s.first_loss}, {"last_loss", s.last_loss},
                          {"wall_s", s.wall_s}, {"target_tokens_per_s", s.tokens_per_s}};
+  done["memory"] = {{"trainable_bytes", s.trainable_bytes}, {"grad_bytes", s.grad_bytes},
+                    {"optimizer_bytes", s.optimizer_bytes}};
+  if (!s.zero_groups.empty()) {
+    nlohmann::json groups = nlohmann::json::array();
+    for (const TrainSummary::ShardGroup& g : s.zero_groups) {
+      groups.push_back({{"group", g.group}, {"numel", g.numel}, {"ranks", g.ranks}, {"slice", g.slice}});
+    }
+    done["memory"]["groups"] = groups;
+  }
   if (!std::isnan(s.eval_loss)) {
     done["eval_loss"] = s.eval_loss;
     done["eval_accuracy"] = s.eval_accuracy;

@@ -34,6 +34,16 @@ struct TrainSummary {
   double eval_loss = 0.0;     // last evaluation (NaN when none)
   double eval_accuracy = 0.0;
   std::string run_dir;
+  // This rank's bytes of trainable state (rank 0's, in summary.json "memory").
+  int64_t trainable_bytes = 0;
+  int64_t grad_bytes = 0;
+  int64_t optimizer_bytes = 0;
+  // ZeRO's flat buffers on this rank: group ("world" or "edp"), elements, ranks, slice per rank.
+  struct ShardGroup {
+    std::string group;
+    int64_t numel = 0, ranks = 0, slice = 0;
+  };
+  std::vector<ShardGroup> zero_groups;
 };
 
 // Loss and next-token accuracy on response tokens (labels != -100).

@@ -36,8 +36,6 @@ at::Device model_device(const Config& c) {
 
 // Options that the current build cannot honour yet are errors, not silent no-ops.
 void check_supported(const Config& c) {
-  MOLE_CHECK(c.parallel.zero == 0, "parallel.zero = ", c.parallel.zero,
-             ": ZeRO optimizer sharding is not available yet");
   MOLE_CHECK(c.parallel.base_shard == 0, "parallel.base_shard = ", c.parallel.base_shard,
              ": frozen-base sharding is not available yet");
   MOLE_CHECK(c.checkpoint.every == 0, "checkpoint.every = ", c.checkpoint.every,
@@ -214,6 +212,14 @@ RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid) {
   spdlog::info("adapter: {} with {} trainable parameters in {} tensors ({} held on this rank)",
                moe::method_name(run.spec.method), run.registry->global_numel(),
                run.registry->slots().size(), run.registry->local_numel());
+  const parallel::OptimizerMemory memory = run.optimizer->memory();
+  const int zero = run.grid ? run.grid->dims().zero() : 0;
+  spdlog::info("optimizer: AdamW{} | this rank keeps {:.2f} MiB of trainable tensors, {:.2f} MiB of "
+               "reduced gradients, {:.2f} MiB of optimizer state",
+               zero > 0 ? ", ZeRO-" + std::to_string(zero) : std::string(),
+               static_cast<double>(memory.trainable_bytes) / (1 << 20),
+               static_cast<double>(memory.grad_bytes) / (1 << 20),
+               static_cast<double>(memory.optimizer_bytes) / (1 << 20));
   return run;
 }
 

@@ -9,6 +9,7 @@
 #include "checkpoint/adapter_export.h"
 #include "kernels/check.h"
 #include "parallel/expert_dispatcher.h"
+#include "parallel/optimizer.h"
 #include "parallel/parameter_registry.h"
 #include "parallel/process_grid.h"
 
@@ -42,7 +43,14 @@ TrainSummary Trainer::run() {
     }
   }
   evaluate_and_log(sink, c.train.steps);
-  const TrainSummary summary = sink.summary();
+  TrainSummary summary = sink.summary();
+  const parallel::OptimizerMemory memory = parts_.optimizer->memory();
+  summary.trainable_bytes = memory.trainable_bytes;
+  summary.grad_bytes = memory.grad_bytes;
+  summary.optimizer_bytes = memory.optimizer_bytes;
+  for (const parallel::FlatLayout& l : parts_.optimizer->flat_layouts()) {
+    summary.zero_groups.push_back({l.group, l.numel, l.slice > 0 ? l.padded / l.slice : 0, l.slice});
+  }
   MOLE_CHECK(summary.skipped_steps < summary.steps, "every one of the ", summary.steps,
              " steps had a non-finite loss or gradient and was skipped: nothing was trained and no "
              "adapter was written; ", non_finite_hint(*parts_.model));

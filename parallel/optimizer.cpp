@@ -7,6 +7,7 @@
 #include "kernels/check.h"
 #include "parallel/gradient_reduction.h"
 #include "parallel/process_grid.h"
+#include "parallel/zero_optimizer.h"
 
 namespace mole::parallel {
 namespace {
@@ -37,6 +38,16 @@ class ReplicatedAdamW final : public Optimizer {
     clip_grad_norm(registry_.tensors(), max_norm, norm);
   }
   void step(double lr) override { adam_.step(lr); }
+  OptimizerMemory memory() const override {
+    OptimizerMemory m;
+    for (const ParamSlot& s : registry_.slots()) {
+      const int64_t bytes = s.tensor.numel() * static_cast<int64_t>(s.tensor.element_size());
+      m.trainable_bytes += bytes;
+      m.grad_bytes += bytes;
+      m.optimizer_bytes += 2 * bytes;
+    }
+    return m;
+  }
   void zero_grad() override { adam_.zero_grad(); }
 
   OptimizerState state() const override {
@@ -72,6 +83,9 @@ class ReplicatedAdamW final : public Optimizer {
 
 std::unique_ptr<Optimizer> make_optimizer(const ParameterRegistry& registry,
                                           const ProcessGrid* grid, const AdamWOptions& options) {
+  if (grid && grid->dims().zero() > 0) {
+    return make_zero_optimizer(registry, *grid, options, grid->dims().zero());
+  }
   return std::make_unique<ReplicatedAdamW>(registry, grid, options);
 }
 

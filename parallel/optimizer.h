@@ -1,8 +1,7 @@
 // The optimizer as the training step sees it (DESIGN.md §4): it owns the gradient reduction over
 // each tensor's replica group, the norm of the whole unsharded gradient, clipping, the update,
-// and the state a checkpoint saves. Today's implementation keeps the full AdamW state of every
-// tensor this rank holds (no sharding of optimizer state); ZeRO is a second implementation of
-// the same interface.
+// and the state a checkpoint saves. Two implementations: the replicated one keeps the full AdamW
+// state of every tensor this rank holds; ZeRO-1/2 (zero_optimizer.h) keeps 1/N of it.
 //
 // Contract: every collective method (reduce_gradients, grad_norm) is called by every rank at the
 // same point of the step, in the same order; both block until done.
@@ -34,6 +33,30 @@ struct OptimizerState {
   std::vector<OptimizerSlotState> slots;
 };
 
+// ZeRO's flat buffer of one replica group: the group's registry slots laid end to end in
+// registry order, padded to a multiple of the group size; rank r of the group owns elements
+// [r * slice, (r + 1) * slice). What a checkpoint needs to save and re-slice the state.
+struct FlatEntry {
+  std::string name;    // the slot's global name
+  int64_t offset = 0;  // of its first element in the flat buffer
+  int64_t numel = 0;   // of this rank's part of the slot (the rows it holds)
+};
+struct FlatLayout {
+  std::string group;  // "world" or "edp"
+  std::vector<FlatEntry> entries;
+  int64_t numel = 0;   // sum of the entries
+  int64_t padded = 0;  // numel rounded up to a multiple of the group size
+  int64_t slice = 0;   // padded / group size
+  int64_t slice_begin = 0;  // this rank's first element
+};
+
+// Bytes this rank keeps for the trainable state (for logs and summary.json).
+struct OptimizerMemory {
+  int64_t trainable_bytes = 0;  // the trainable tensors (whole on every rank that holds them)
+  int64_t grad_bytes = 0;       // reduced gradients kept for the update (ZeRO-2: this rank's slices)
+  int64_t optimizer_bytes = 0;  // AdamW moments (ZeRO-1/2: this rank's slices)
+};
+
 class Optimizer {
  public:
   virtual ~Optimizer() = default;
@@ -49,14 +72,20 @@ class Optimizer {
   virtual void step(double lr) = 0;
   virtual void zero_grad() = 0;
 
+  virtual OptimizerMemory memory() const = 0;
+  // ZeRO's flat buffers; empty for the unsharded optimizer.
+  virtual std::vector<FlatLayout> flat_layouts() const { return {}; }
+
   virtual OptimizerState state() const = 0;
   // Restores a state() of the same registry (names and shapes checked).
   virtual void load_state(const OptimizerState& state) = 0;
   virtual const ParameterRegistry& registry() const = 0;
 };
 
-// AdamW with every rank keeping the full state of what it holds. `grid` null: one process.
-// The registry and the grid must outlive the optimizer.
+// AdamW for the run's layout: with grid->dims().zero() 1 or 2 the ZeRO optimizer
+// (zero_optimizer.h), else every rank keeping the full state of what it holds. `grid` null: one
+// process (ZeRO on one process is the unsharded optimizer). The registry and the grid must
+// outlive the optimizer.
 std::unique_ptr<Optimizer> make_optimizer(const ParameterRegistry& registry,
                                           const ProcessGrid* grid, const AdamWOptions& options);
 

@@ -49,6 +49,8 @@ struct ParamSlot {
 class ParameterRegistry {
  public:
   ParameterRegistry(const moe::CausalLM& model, const OptimizerHints& hints);
+  // Given slots (benchmarks of the optimizer without a model).
+  explicit ParameterRegistry(std::vector<ParamSlot> slots) : slots_(std::move(slots)) {}
 
   const std::vector<ParamSlot>& slots() const { return slots_; }
   // The tensors of one replica group, in registry order.

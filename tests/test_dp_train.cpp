@@ -24,14 +24,7 @@ namespace {
 using test::mpirun;
 using test::run;
 
-class DpTrain : public ::testing::Test {
- protected:
-  void SetUp() override {
-    // Concurrent Open MPI jobs race on a shared session folder; give this process its own.
-    setenv("OMPI_MCA_orte_tmpdir_base", dir_.file("ompi").c_str(), 1);
-  }
-  test::TempDir dir_;
-};
+using DpTrain = test::MpiJobTest;
 
 // 1 rank with micro-batch 8 against np ranks with micro-batch 8/np: the same two accumulation steps
 // of 8 examples each. Returns the worst relative difference over the trained adapter tensors.

@@ -30,13 +30,8 @@ constexpr double kExact = 1e-9;
 constexpr double kFloat32WeightTol = 2e-2;
 const std::string kFp64 = " --set model.dtype=fp64";
 
-class EpTrain : public ::testing::Test {
+class EpTrain : public test::MpiJobTest {
  protected:
-  void SetUp() override {
-    // Concurrent Open MPI jobs race on a shared session folder; give this process its own.
-    setenv("OMPI_MCA_orte_tmpdir_base", dir_.file("ompi").c_str(), 1);
-  }
-
   // Trains on `np` ranks (one process without mpirun for np = 1) with micro-batch 8 / np and the
   // extra `--set` options; returns the run folder. One thread per rank: ranks share 2 cores.
   std::string train(int np, const std::string& name, const std::string& extra) {
@@ -51,7 +46,6 @@ class EpTrain : public ::testing::Test {
 
   std::string log_of(const std::string& name) { return test::read_bytes(dir_.file(name + ".log")); }
 
-  test::TempDir dir_;
 };
 
 using test::expect_same_steps;

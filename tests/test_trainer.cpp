@@ -202,6 +202,18 @@ TEST(Trainer, UnsupportedOptionsAreClearErrors) {
   EXPECT_THROW(launch::Trainer(with(small_config(dir.path()), {"train.global_batch=6"})), Error);
 }
 
+// ZeRO on one process has nothing to shard: it trains exactly as stage 0.
+TEST(Trainer, ZeroOnOneProcessEqualsStageZero) {
+  test::TempDir dir;
+  std::vector<double> losses[2];
+  for (int zero : {0, 2}) {
+    launch::Trainer t(with(small_config(dir.file("zero" + std::to_string(zero))),
+                           {"parallel.zero=" + std::to_string(zero), "train.steps=3"}));
+    for (int i = 0; i < 3; ++i) losses[zero / 2].push_back(t.step().loss);
+  }
+  EXPECT_EQ(losses[0], losses[1]);
+}
+
 // The demo config, shortened: through the binary, the loss must fall.
 TEST(Trainer, DemoConfigLossFalls) {
   test::TempDir dir;

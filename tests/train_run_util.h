@@ -17,6 +17,14 @@
 
 namespace mole::test {
 
+// A test that starts mpirun jobs: its own temporary folder, holding its own Open MPI session
+// folder (concurrent Open MPI jobs race on a shared one).
+class MpiJobTest : public ::testing::Test {
+ protected:
+  void SetUp() override { setenv("OMPI_MCA_orte_tmpdir_base", dir_.file("ompi").c_str(), 1); }
+  TempDir dir_;
+};
+
 // "mpirun [--oversubscribe --allow-run-as-root] -np N " (the flags CMake found for this MPI).
 inline std::string mpirun(int np) {
   return std::string(MOLE_MPIRUN) + " -np " + std::to_string(np) + " ";
