@@ -31,7 +31,7 @@ constexpr double kFloat32Steps = 1e-5;
 const std::string kOptimizer = " --set train.lora_plus_ratio=16 --set train.weight_decay=0.1";
 
 class ZeroTrain : public test::MpiJobTest {
- protected:
+ public:
   // Trains on `np` ranks with micro-batch 8 / np and ZeRO stage `zero`; returns the run folder.
   std::string train(int np, int zero, const std::string& name, const std::string& extra) {
     const std::string out = dir_.file(name + "-zero" + std::to_string(zero));
@@ -61,13 +61,18 @@ class ZeroTrain : public test::MpiJobTest {
   std::string log_;
 };
 
+// float32: losses and gradient norms of every step to 1e-5.
+void expect_float32_steps_match(ZeroTrain& t, int np, const std::string& name, const std::string& extra) {
+  const std::string ref = t.train(np, 0, name + "-fp32", extra);
+  for (int zero : {1, 2}) {
+    test::expect_same_steps(ref, t.train(np, zero, name + "-fp32", extra), 5, kFloat32Steps);
+  }
+}
+
 TEST_F(ZeroTrain, DataParallelMatchesNoZero) {
   expect_zero_matches(2, "dp2", "");
-  // float32 at DP 4: losses and gradient norms of every step to 1e-5.
-  const std::string ref = train(4, 0, "dp4-fp32", "");
-  for (int zero : {1, 2}) {
-    test::expect_same_steps(ref, train(4, zero, "dp4-fp32", ""), 5, kFloat32Steps);
-  }
+  expect_zero_matches(4, "dp4", "");
+  expect_float32_steps_match(*this, 4, "dp4", "");
 }
 
 TEST_F(ZeroTrain, ExpertParallelMatchesNoZero) {
@@ -76,6 +81,7 @@ TEST_F(ZeroTrain, ExpertParallelMatchesNoZero) {
   // MoLA "2,4,4,8" under EP 4: the 2-expert layer is replicated (world group), the others split
   // (EDP groups of one rank).
   expect_zero_matches(4, "mola-ep4", "--set parallel.ep=4 --set adapter.method=mola --set adapter.experts=2,4,4,8");
+  expect_float32_steps_match(*this, 4, "dp2-ep2-tokens", "--set parallel.ep=2 --set parallel.dispatch=tokens");
 }
 
 // summary.json reports this rank's (rank 0's) bytes: with ZeRO the optimizer state is exactly
