@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 #include <spdlog/spdlog.h>
 
-#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/atomic_file.h"
@@ -16,7 +15,6 @@ namespace mole::ckpt {
 namespace {
 
 using nlohmann::json;
-namespace fs = std::filesystem;
 
 const char* peft_type(moe::Method method) {
   switch (method) {

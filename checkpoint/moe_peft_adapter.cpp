@@ -141,21 +141,8 @@ void check_complete(moe::CausalLM& model, const moe::AdapterSpec& spec,
   const auto listed = [](const std::vector<std::string>& list, const std::string& name) {
     return std::find(list.begin(), list.end(), name) != list.end();
   };
-  static const std::vector<std::string> known = {"q_proj", "k_proj", "v_proj", "o_proj",
-                                                 "gate_proj", "up_proj", "down_proj"};
-  MOLE_CHECK(!spec.target_modules.empty(), config_file, ": target_modules is empty or missing");
-  for (const std::string& t : spec.target_modules) {
-    MOLE_CHECK(listed(known, t), config_file, ": target_modules entry '", t,
-               "' names no linear mole adapts (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
-               "down_proj)");
-  }
+  moe::check_target_modules(spec.target_modules, spec.method, config_file + ": target_modules");
   const bool mixlora = spec.method == moe::Method::kMixLora;
-  if (mixlora) {
-    for (const char* mlp : {"gate_proj", "up_proj", "down_proj"}) {
-      MOLE_CHECK(listed(spec.target_modules, mlp), config_file, ": target_modules lacks '", mlp,
-                 "' but MixLoRA experts adapt gate_proj, up_proj and down_proj together");
-    }
-  }
   for (int64_t i = 0; i < model.num_layers(); ++i) {
     moe::DecoderLayer& layer = model.layer(i);
     const std::string where = prefix + ".layers." + std::to_string(i) + ".";
@@ -166,7 +153,7 @@ void check_complete(moe::CausalLM& model, const moe::AdapterSpec& spec,
                  config_file, " targets the FFN; the adapter is incomplete");
     }
     for (const std::string& name : moe::linear_names()) {
-      const std::string target = name.substr(name.find('.') + 1);
+      const std::string target = moe::short_name(name);
       const bool in_mlp = name.rfind("mlp.", 0) == 0;
       if (mixlora && in_mlp) continue;
       const bool targeted = listed(spec.target_modules, target);

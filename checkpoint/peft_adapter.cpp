@@ -104,7 +104,8 @@ PeftLoraConfig load_peft_config(const std::string& adapter_dir) {
   MOLE_CHECK(c.r > 0, file, ": r must be positive, got ", c.r);
   c.target_modules = names_field(root, "target_modules", c.target_is_regex, file);
   if (c.target_is_regex && c.target_modules.front() == "all-linear") {
-    c.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+    c.target_modules.clear();
+    for (const std::string& name : moe::linear_names()) c.target_modules.push_back(moe::short_name(name));
     c.target_is_regex = false;
   }
   MOLE_CHECK(!c.target_modules.empty(), file, ": target_modules is empty or missing");
@@ -191,8 +192,7 @@ int64_t load_peft_adapter(moe::CausalLM& model, const std::string& adapter_dir) 
   if (!config.target_is_regex) {
     for (const std::string& t : config.target_modules) {
       MOLE_CHECK(matched_entries.count(t), config_file, ": target_modules entry '", t,
-                 "' names no linear mole adapts (q_proj, k_proj, v_proj, o_proj, gate_proj, ",
-                 "up_proj, down_proj)");
+                 "' names no linear mole adapts (", moe::target_names_text(), ")");
     }
   }
   if (!missing.empty()) {

@@ -12,12 +12,17 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "moe/model_config.h"
 
 namespace CLI {
 class App;
+}
+
+namespace mole::dist {
+class MpiRuntime;
 }
 
 namespace mole::launch {
@@ -58,6 +63,9 @@ void bench_train(const BenchOptions& options);
 // One process (bench_kernels.cpp).
 void bench_kernels(const BenchOptions& options);
 void bench_optimizer(const BenchOptions& options);
+// Runs `bench` inside an MPI runtime (a bench under mpirun); an error is reported with the rank
+// before it leaves the runtime's scope (which aborts every rank).
+void run_under_mpi(const std::function<void(const dist::MpiRuntime&)>& bench);
 // Model FLOPs per token of a frozen-base LoRA training step at sequence length `seq` (the MFU
 // numerator): 4 P for the base matrix products (forward and input gradients) plus attention.
 double bench_train_model_flops_per_token(const moe::ModelConfig& model, int64_t seq);

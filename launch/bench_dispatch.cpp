@@ -201,15 +201,19 @@ void run_dispatch_bench(const BenchOptions& o, const dist::MpiRuntime& runtime) 
 
 }  // namespace
 
-void bench_dispatch(const BenchOptions& o) {
+void run_under_mpi(const std::function<void(const dist::MpiRuntime&)>& bench) {
   dist::MpiRuntime runtime;
   try {
-    run_dispatch_bench(o, runtime);
+    bench(runtime);
   } catch (const std::exception& e) {
     // Reported inside the runtime's scope: leaving it by an exception aborts every rank.
     spdlog::error("rank {}: {}", runtime.rank_info().rank, e.what());
     throw;
   }
+}
+
+void bench_dispatch(const BenchOptions& o) {
+  run_under_mpi([&](const dist::MpiRuntime& runtime) { run_dispatch_bench(o, runtime); });
 }
 
 }  // namespace mole::launch

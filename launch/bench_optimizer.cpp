@@ -141,13 +141,7 @@ void run_optimizer_bench(const BenchOptions& o, const dist::MpiRuntime& runtime)
 }  // namespace
 
 void bench_optimizer(const BenchOptions& o) {
-  dist::MpiRuntime runtime;
-  try {
-    run_optimizer_bench(o, runtime);
-  } catch (const std::exception& e) {
-    spdlog::error("rank {}: {}", runtime.rank_info().rank, e.what());
-    throw;
-  }
+  run_under_mpi([&](const dist::MpiRuntime& runtime) { run_optimizer_bench(o, runtime); });
 }
 
 }  // namespace mole::launch

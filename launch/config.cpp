@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "kernels/check.h"
+#include "moe/allocation.h"
 
 namespace mole::launch {
 namespace {
@@ -185,32 +186,23 @@ void parse_adapter(Section s, AdapterSection& a) {
       }
     }
   }
-  // The fewest experts any layer gets (0 when a pattern is not plain integers: checked later).
-  int64_t fewest = a.experts;
-  if (!a.experts_list.empty()) {
-    for (size_t i = 0; i < a.experts_list.size(); ++i) {
-      MOLE_CHECK(a.experts_list[i] >= 1, s.origin("experts"), ": 'adapter.experts' entry ", i,
-                 " is ", a.experts_list[i], "; every layer needs at least 1 expert");
+  // The allocation rules check the counts (whether a pattern's groups divide the layers waits for
+  // the model); `fewest` is the smallest count of any layer.
+  int64_t fewest = 0;
+  try {
+    std::vector<int64_t> counts = {a.experts};
+    if (!a.experts_list.empty()) {
+      counts = a.experts_list;
+      moe::check_expert_counts(counts, "per-layer expert list");
+    } else if (!a.experts_pattern.empty()) {
+      counts = moe::expert_pattern_groups(a.experts_pattern);
+    } else {
+      moe::uniform_allocation(a.experts, 1);
     }
-    fewest = *std::min_element(a.experts_list.begin(), a.experts_list.end());
-  } else if (!a.experts_pattern.empty()) {
-    fewest = 0;
-    std::stringstream in(a.experts_pattern);
-    for (std::string item; std::getline(in, item, ',');) {
-      try {
-        const int64_t n = std::stoll(item);
-        check(n >= 1, s, "experts", "pattern '" + a.experts_pattern + "' holds " +
-                                        std::to_string(n) + "; every layer needs at least 1 expert");
-        fewest = fewest == 0 ? n : std::min(fewest, n);
-      } catch (const std::logic_error&) {
-        fewest = 0;
-        break;
-      }
-    }
-  } else {
-    check(a.experts >= 1, s, "experts",
-          "must be at least 1 (or a per-layer list such as [2, 4] or a pattern such as \"2,4,6,8\"), got " +
-              std::to_string(a.experts));
+    fewest = *std::min_element(counts.begin(), counts.end());
+  } catch (const Error& e) {
+    MOLE_FAIL(s.origin("experts"), ": 'adapter.experts': ", e.what(),
+              " (a count, a per-layer list such as [2, 4] or a pattern such as \"2,4,6,8\")");
   }
   Section router = s.child("router");
   RouterSection& r = a.router;
@@ -234,7 +226,7 @@ void parse_adapter(Section s, AdapterSection& a) {
   const std::string rule = r.strategy != "auto" ? r.strategy : a.method == "dynmole" ? "dynmole" : "topk";
   const std::string key = rule == "topk" ? "top_k" : rule == "dynmole" ? "keep_top_k" : "";
   const int64_t k = rule == "topk" ? r.top_k : r.keep_top_k;
-  if (a.method != "lora" && !key.empty() && fewest > 0) {
+  if (a.method != "lora" && !key.empty()) {
     check(k <= fewest, router, key,
           "is " + std::to_string(k) + " but " +
               (a.experts_list.empty() && a.experts_pattern.empty() ? "adapter.experts is "

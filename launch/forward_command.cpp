@@ -52,7 +52,6 @@ void run_forward(const ForwardOptions& options) {
 
   MOLE_CHECK(!options.input.empty() || !options.text.empty(),
              "mole forward needs --input IN.safetensors or --text \"...\"");
-  MOLE_CHECK(options.text.empty() || options.input.empty(), "give --input or --text, not both");
   MOLE_CHECK(options.input.empty() || !options.output.empty(), "--output is required with --input");
   at::Tensor input_ids, labels;
   std::unique_ptr<Tokenizer> tokenizer;

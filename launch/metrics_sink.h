@@ -34,7 +34,8 @@ struct TrainSummary {
   double eval_loss = 0.0;     // last evaluation (NaN when none)
   double eval_accuracy = 0.0;
   std::string run_dir;
-  // This rank's bytes of trainable state (rank 0's, in summary.json "memory").
+  // This rank's bytes of trainable state (rank 0's, in summary.json "memory"; see
+  // parallel::OptimizerMemory).
   int64_t trainable_bytes = 0;
   int64_t grad_bytes = 0;
   int64_t optimizer_bytes = 0;

@@ -215,7 +215,7 @@ RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid) {
   const parallel::OptimizerMemory memory = run.optimizer->memory();
   const int zero = run.grid ? run.grid->dims().zero() : 0;
   spdlog::info("optimizer: AdamW{} | this rank keeps {:.2f} MiB of trainable tensors, {:.2f} MiB of "
-               "reduced gradients, {:.2f} MiB of optimizer state",
+               "gradients, {:.2f} MiB of optimizer state",
                zero > 0 ? ", ZeRO-" + std::to_string(zero) : std::string(),
                static_cast<double>(memory.trainable_bytes) / (1 << 20),
                static_cast<double>(memory.grad_bytes) / (1 << 20),

@@ -24,10 +24,6 @@ bool contains(const std::vector<std::string>& list, const std::string& item) {
   return std::find(list.begin(), list.end(), item) != list.end();
 }
 
-std::string short_name(const std::string& linear_name) {
-  return linear_name.substr(linear_name.find('.') + 1);
-}
-
 at::Tensor router_init(int64_t experts, int64_t in, double range, const at::TensorOptions& options,
                        const at::Generator& gen) {
   // float32 draws (float64 for a float64 adapter: CPU-independent, see init_base_random).
@@ -52,14 +48,23 @@ const char* method_name(Method method) {
   return "?";
 }
 
-void AdapterSpec::validate(int64_t num_layers) const {
-  static const std::vector<std::string> known = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
-                                                 "gate_proj", "up_proj", "down_proj"};
-  MOLE_CHECK(!target_modules.empty(), "adapter.target_modules is empty");
-  for (const std::string& t : target_modules) {
-    MOLE_CHECK(contains(known, t), "adapter.target_modules: unknown module '", t,
-               "' (allowed: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)");
+void check_target_modules(const std::vector<std::string>& targets, Method method,
+                          const std::string& what) {
+  MOLE_CHECK(!targets.empty(), what, " is empty");
+  for (const std::string& t : targets) {
+    bool known = false;
+    for (const std::string& name : linear_names()) known = known || short_name(name) == t;
+    MOLE_CHECK(known, what, ": unknown module '", t, "' (allowed: ", target_names_text(), ")");
   }
+  if (method != Method::kMixLora) return;
+  for (const char* mlp : {"gate_proj", "up_proj", "down_proj"}) {
+    MOLE_CHECK(contains(targets, mlp), what, " lacks '", mlp,
+               "': mixlora experts adapt gate_proj, up_proj and down_proj together");
+  }
+}
+
+void AdapterSpec::validate(int64_t num_layers) const {
+  check_target_modules(target_modules, method, "adapter.target_modules");
   for (const std::string& t : routed_modules) {
     MOLE_CHECK(contains(target_modules, t), "routed module '", t, "' is not a target module");
   }
@@ -67,12 +72,6 @@ void AdapterSpec::validate(int64_t num_layers) const {
   MOLE_CHECK(static_cast<int64_t>(experts_per_layer.size()) == num_layers, "adapter.experts: ",
              experts_per_layer.size(), " per-layer counts for a model of ", num_layers, " layers");
   for (int64_t e : experts_per_layer) router.validate(e);
-  if (method == Method::kMixLora) {
-    for (const char* mlp : {"gate_proj", "up_proj", "down_proj"}) {
-      MOLE_CHECK(contains(target_modules, mlp), "mixlora needs '", mlp,
-                 "' in adapter.target_modules (its experts adapt the whole FFN block)");
-    }
-  }
 }
 
 void attach_adapter(CausalLM& model, const AdapterSpec& spec, const at::Generator& gen) {

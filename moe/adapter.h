@@ -52,6 +52,11 @@ struct AdapterSpec {
   void validate(int64_t num_layers) const;
 };
 
+// Checks target_modules names (every entry a linear mole adapts, not empty; mixlora needs all
+// three FFN projections); errors start with `what` (the key or the file that holds the list).
+void check_target_modules(const std::vector<std::string>& targets, Method method,
+                          const std::string& what);
+
 // Attaches fresh adapter weights (LoRA A kaiming-uniform, B zero, routers N(0, range)) to every
 // target linear of `model` according to `spec`.
 void attach_adapter(CausalLM& model, const AdapterSpec& spec, const at::Generator& gen);

@@ -6,23 +6,19 @@
 #include "kernels/check.h"
 
 namespace mole::moe {
-namespace {
-
-void check_counts(const std::vector<int64_t>& counts, const std::string& what) {
+void check_expert_counts(const std::vector<int64_t>& counts, const std::string& what) {
   for (size_t i = 0; i < counts.size(); ++i) {
     MOLE_CHECK(counts[i] >= 1, what, ": expert count ", counts[i], " at position ", i,
                " must be at least 1");
   }
 }
 
-}  // namespace
-
 std::vector<int64_t> uniform_allocation(int64_t experts, int64_t num_layers) {
-  MOLE_CHECK(experts >= 1, "experts must be at least 1, got ", experts);
+  MOLE_CHECK(experts >= 1, "expert count must be at least 1, got ", experts);
   return std::vector<int64_t>(static_cast<size_t>(num_layers), experts);
 }
 
-std::vector<int64_t> pattern_allocation(const std::string& pattern, int64_t num_layers) {
+std::vector<int64_t> expert_pattern_groups(const std::string& pattern) {
   std::vector<int64_t> groups;
   std::stringstream in(pattern);
   std::string item;
@@ -40,7 +36,12 @@ std::vector<int64_t> pattern_allocation(const std::string& pattern, int64_t num_
     groups.push_back(value);
   }
   MOLE_CHECK(!groups.empty(), "expert pattern '", pattern, "' is empty");
-  check_counts(groups, "expert pattern '" + pattern + "'");
+  check_expert_counts(groups, "expert pattern '" + pattern + "'");
+  return groups;
+}
+
+std::vector<int64_t> pattern_allocation(const std::string& pattern, int64_t num_layers) {
+  const std::vector<int64_t> groups = expert_pattern_groups(pattern);
   const int64_t num_groups = static_cast<int64_t>(groups.size());
   MOLE_CHECK(num_layers % num_groups == 0, "expert pattern '", pattern, "' has ", num_groups,
              " groups, which do not divide the model's ", num_layers, " layers");
@@ -55,7 +56,7 @@ std::vector<int64_t> pattern_allocation(const std::string& pattern, int64_t num_
 std::vector<int64_t> list_allocation(const std::vector<int64_t>& per_layer, int64_t num_layers) {
   MOLE_CHECK(static_cast<int64_t>(per_layer.size()) == num_layers, "per-layer expert list has ",
              per_layer.size(), " entries but the model has ", num_layers, " layers");
-  check_counts(per_layer, "per-layer expert list");
+  check_expert_counts(per_layer, "per-layer expert list");
   return per_layer;
 }
 

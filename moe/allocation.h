@@ -15,4 +15,9 @@ std::vector<int64_t> pattern_allocation(const std::string& pattern, int64_t num_
 // An explicit per-layer list; its length must equal the layer count.
 std::vector<int64_t> list_allocation(const std::vector<int64_t>& per_layer, int64_t num_layers);
 
+// The parts that need no layer count (checked where the config is read): a pattern's group
+// values, and counts that must each be at least 1. Errors start with the pattern or `what`.
+std::vector<int64_t> expert_pattern_groups(const std::string& pattern);
+void check_expert_counts(const std::vector<int64_t>& counts, const std::string& what);
+
 }  // namespace mole::moe

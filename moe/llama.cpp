@@ -36,13 +36,6 @@ LoraLinear& DecoderLayer::linear(const std::string& name) {
             "mlp.{gate,up,down}_proj)");
 }
 
-namespace {
-
-std::string short_name(const std::string& linear_name) {
-  return linear_name.substr(linear_name.find('.') + 1);
-}
-
-}  // namespace
 
 CausalLM::CausalLM(ModelConfig config, const at::TensorOptions& options,
                    std::shared_ptr<BaseWeights> weights)
@@ -178,8 +171,7 @@ void CausalLM::init_lora(const std::vector<std::string>& target_modules, const L
   for (const std::string& target : target_modules) {
     bool known = false;
     for (const std::string& name : linear_names()) known = known || short_name(name) == target;
-    MOLE_CHECK(known, "unknown LoRA target module '", target,
-               "' (known: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)");
+    MOLE_CHECK(known, "unknown LoRA target module '", target, "' (known: ", target_names_text(), ")");
   }
   for (DecoderLayer& layer : layers_) {
     for (const std::string& name : linear_names()) {

@@ -66,6 +66,18 @@ inline const std::vector<std::string>& linear_names() {
   return names;
 }
 
+// The name target_modules uses for a linear: "self_attn.q_proj" -> "q_proj".
+inline std::string short_name(const std::string& linear_name) {
+  return linear_name.substr(linear_name.find('.') + 1);
+}
+
+// "q_proj, k_proj, ..., down_proj": every target_modules name, for error messages.
+inline std::string target_names_text() {
+  std::string text;
+  for (const std::string& name : linear_names()) text += (text.empty() ? "" : ", ") + short_name(name);
+  return text;
+}
+
 struct DecoderLayer {
   RmsNorm input_norm;
   RmsNorm post_attention_norm;

@@ -21,21 +21,25 @@ AdamW::AdamW(std::vector<AdamWParam> params, AdamWOptions options)
   }
 }
 
+void adamw_update(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, double lr,
+                  double weight_decay, int64_t step, const AdamWOptions& options) {
+  const double bias1 = 1.0 - std::pow(options.beta1, static_cast<double>(step));
+  const double bias2 = 1.0 - std::pow(options.beta2, static_cast<double>(step));
+  if (weight_decay > 0.0) p.mul_(1.0 - lr * weight_decay);
+  m.mul_(options.beta1).add_(g, 1.0 - options.beta1);
+  v.mul_(options.beta2).addcmul_(g, g, 1.0 - options.beta2);
+  at::Tensor denom = (v / bias2).sqrt_().add_(options.eps);
+  p.addcdiv_(m, denom, -lr / bias1);
+}
+
 void AdamW::step(double lr) {
   at::NoGradGuard no_grad;
   ++step_;
-  const double bias1 = 1.0 - std::pow(options_.beta1, static_cast<double>(step_));
-  const double bias2 = 1.0 - std::pow(options_.beta2, static_cast<double>(step_));
   for (size_t i = 0; i < params_.size(); ++i) {
-    at::Tensor p = params_[i].tensor;
-    const at::Tensor& g = p.grad();
+    const at::Tensor& g = params_[i].tensor.grad();
     if (!g.defined()) continue;
-    const double step_lr = lr * params_[i].lr_scale;
-    if (params_[i].weight_decay > 0.0) p.mul_(1.0 - step_lr * params_[i].weight_decay);
-    exp_avg_[i].mul_(options_.beta1).add_(g, 1.0 - options_.beta1);
-    exp_avg_sq_[i].mul_(options_.beta2).addcmul_(g, g, 1.0 - options_.beta2);
-    at::Tensor denom = (exp_avg_sq_[i] / bias2).sqrt_().add_(options_.eps);
-    p.addcdiv_(exp_avg_[i], denom, -step_lr / bias1);
+    adamw_update(params_[i].tensor, g, exp_avg_[i], exp_avg_sq_[i], lr * params_[i].lr_scale,
+                 params_[i].weight_decay, step_, options_);
   }
 }
 
@@ -60,10 +64,14 @@ double global_grad_norm(const std::vector<at::Tensor>& params) {
   return std::sqrt(grad_squared_sum(params));
 }
 
+double clip_factor(double max_norm, double norm) {
+  return max_norm > 0.0 && norm > max_norm ? max_norm / (norm + 1e-6) : 1.0;
+}
+
 void clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, double norm) {
-  if (max_norm <= 0.0 || !(norm > max_norm)) return;
+  const double factor = clip_factor(max_norm, norm);
+  if (factor == 1.0) return;
   at::NoGradGuard no_grad;
-  const double factor = max_norm / (norm + 1e-6);
   for (const at::Tensor& p : params) {
     if (p.grad().defined()) p.grad().mul_(factor);
   }

@@ -48,6 +48,16 @@ class AdamW {
   int64_t step_ = 0;
 };
 
+// torch.optim.AdamW's update of `p` in place from gradient `g`, with moments `m`, `v` (same shape
+// as p; updated in place), learning rate `lr` (multiplier applied), weight decay, and `step` the
+// 1-based number of this update. Element-wise: any slicing of p gives the same values.
+void adamw_update(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, double lr,
+                  double weight_decay, int64_t step, const AdamWOptions& options);
+
+// What clipping scales the gradients by: max_norm / (norm + 1e-6) when norm > max_norm > 0,
+// else 1.
+double clip_factor(double max_norm, double norm);
+
 // The L2 norm over every defined gradient of `params` (a device -> host sync); non-finite when
 // any gradient is.
 double global_grad_norm(const std::vector<at::Tensor>& params);

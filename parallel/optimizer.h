@@ -53,7 +53,7 @@ struct FlatLayout {
 // Bytes this rank keeps for the trainable state (for logs and summary.json).
 struct OptimizerMemory {
   int64_t trainable_bytes = 0;  // the trainable tensors (whole on every rank that holds them)
-  int64_t grad_bytes = 0;       // reduced gradients kept for the update (ZeRO-2: this rank's slices)
+  int64_t grad_bytes = 0;       // gradients (backward writes them whole, at every ZeRO stage)
   int64_t optimizer_bytes = 0;  // AdamW moments (ZeRO-1/2: this rank's slices)
 };
 

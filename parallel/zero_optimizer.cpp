@@ -132,8 +132,8 @@ class ZeroAdamW final : public Optimizer {
   }
 
   void clip(double max_norm, double norm) override {
-    if (max_norm <= 0.0 || !(norm > max_norm)) return;
-    const double factor = max_norm / (norm + 1e-6);  // as clip_grad_norm
+    const double factor = clip_factor(max_norm, norm);
+    if (factor == 1.0) return;
     for (Group& g : groups_) {
       if (g.grad_slice.defined()) g.grad_slice.mul_(factor);
     }
@@ -142,23 +142,15 @@ class ZeroAdamW final : public Optimizer {
   void step(double lr) override {
     at::NoGradGuard no_grad;
     ++step_;
-    const double bias1 = 1.0 - std::pow(options_.beta1, static_cast<double>(step_));
-    const double bias2 = 1.0 - std::pow(options_.beta2, static_cast<double>(step_));
     for (Group& g : groups_) {
       MOLE_CHECK(g.grad_slice.defined(), "ZeRO: step() without reduce_gradients()");
       // AdamW on this rank's slice, segment by segment (each segment is one tensor's part, with
       // its learning-rate multiplier and weight decay), in place on the live tensors.
       for (Segment& s : g.segments) {
         const int64_t n = s.param.numel();
-        const at::Tensor grad = g.grad_slice.narrow(0, s.slice_offset, n);
-        at::Tensor m = g.exp_avg.narrow(0, s.slice_offset, n);
-        at::Tensor v = g.exp_avg_sq.narrow(0, s.slice_offset, n);
-        const double step_lr = lr * s.lr_scale;
-        if (s.weight_decay > 0.0) s.param.mul_(1.0 - step_lr * s.weight_decay);
-        m.mul_(options_.beta1).add_(grad, 1.0 - options_.beta1);
-        v.mul_(options_.beta2).addcmul_(grad, grad, 1.0 - options_.beta2);
-        at::Tensor denom = (v / bias2).sqrt_().add_(options_.eps);
-        s.param.addcdiv_(m, denom, -step_lr / bias1);
+        adamw_update(s.param, g.grad_slice.narrow(0, s.slice_offset, n),
+                     g.exp_avg.narrow(0, s.slice_offset, n), g.exp_avg_sq.narrow(0, s.slice_offset, n),
+                     lr * s.lr_scale, s.weight_decay, step_, options_);
       }
       all_gather_parameters(g);
     }
@@ -178,7 +170,9 @@ class ZeroAdamW final : public Optimizer {
     for (const Group& g : groups_) {
       const int64_t element = static_cast<int64_t>(g.tensors.front().element_size());
       m.trainable_bytes += g.layout.numel * element;
-      m.grad_bytes += (stage_ == 2 ? g.layout.slice : g.layout.numel) * element;
+      // Backward writes whole gradients at every stage (the reduction runs after it), so that is
+      // the gradient memory; stage 2 halves the traffic, not yet this peak.
+      m.grad_bytes += g.layout.numel * element;
       m.optimizer_bytes += 2 * g.layout.slice * element;
     }
     return m;

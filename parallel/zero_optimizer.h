@@ -5,8 +5,10 @@
 // it keeps the AdamW moments of that slice only and updates those elements, and the updated
 // slices are all-gathered back into every rank's tensors.
 //   - Stage 1: gradients all-reduced as without ZeRO; each rank takes its slice of the sum.
-//   - Stage 2: gradients reduce-scattered straight into the owner's slice (the full reduced
-//     gradient never exists); the tensors' own gradients are freed after the reduction.
+//   - Stage 2: gradients reduce-scattered straight into the owner's slice (half the traffic of
+//     the all-reduce). Backward still writes every tensor's whole gradient first: reducing
+//     buckets during backward, which would bound that memory too, is not done yet.
+// At both stages the tensors' own gradients are freed once reduced.
 // The gradient norm is that of the whole unsharded gradient, from the slices (one scalar
 // all-reduce over the world: the world's slices hold every element of the world group once, and
 // the EDP slices of all EP ranks every expert once). Element-wise AdamW makes the update the

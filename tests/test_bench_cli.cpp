@@ -146,5 +146,44 @@ TEST(BenchCli, KernelsReportBandwidthAgainstTheCopy) {
   }
 }
 
+// The optimizer bench under mpirun: its adapter is the one `mole train` builds (the same number
+// of trainable parameters), and each ZeRO stage keeps the bytes it should: two moments of every
+// parameter at stage 0, of the padded half at stages 1 and 2 (two ranks, one world group).
+TEST(BenchCli, OptimizerReportsEachZeroStage) {
+  const test::CommandResult run = test::run_command(
+      "OMP_NUM_THREADS=1 " + std::string(MOLE_MPIRUN) + " -np 2 " + MOLE_BINARY +
+      " bench optimizer --shape tiny --method mixlora --experts 4 --r 4 --iters 1 --warmup 0");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const nlohmann::json j = last_json(run.output);
+  ASSERT_TRUE(j.contains("results")) << run.output;
+
+  moe::CausalLM model(moe::model_preset("tiny"), at::TensorOptions(at::kFloat));
+  moe::AdapterSpec spec;
+  spec.method = moe::Method::kMixLora;
+  spec.lora.r = spec.expert_lora.r = 4;
+  spec.experts_per_layer.assign(static_cast<size_t>(model.num_layers()), 4);
+  moe::attach_adapter(model, spec, at::make_generator<at::CPUGeneratorImpl>(0));
+  int64_t params = 0;
+  for (const moe::TrainableTensor& t : model.trainable_tensors()) params += t.tensor.numel();
+  EXPECT_EQ(j["params"].get<int64_t>(), params);
+
+  ASSERT_EQ(j["results"].size(), 3u);
+  for (const nlohmann::json& r : j["results"]) {
+    const int zero = r["zero"];
+    EXPECT_GT(r["median_ms"].get<double>(), 0.0);
+    EXPECT_EQ(r["trainable_bytes"].get<int64_t>(), 4 * params);
+    EXPECT_EQ(r["grad_bytes"].get<int64_t>(), 4 * params);
+    EXPECT_EQ(r["optimizer_bytes"].get<int64_t>(), zero == 0 ? 8 * params : 8 * ((params + 1) / 2))
+        << "zero " << zero;
+  }
+
+  const test::CommandResult bad = test::run_command(
+      std::string(MOLE_MPIRUN) + " -np 2 " + MOLE_BINARY +
+      " bench optimizer --shape tiny --method mola --iters 1 --warmup 0");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("bench optimizer: --method lora or mixlora, got 'mola'"), std::string::npos)
+      << bad.output;
+}
+
 }  // namespace
 }  // namespace mole

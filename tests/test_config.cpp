@@ -148,12 +148,13 @@ TEST(Config, SetErrorsNameTheOption) {
 // Expert counts and router bounds are checked where they are written, with the full key path.
 TEST(Config, ExpertAndRouterErrorsGiveTheKeyPath) {
   EXPECT_NE(error_of("adapter: {method: mixlora}", {"adapter.experts=0"})
-                .find("--set 'adapter.experts=0': 'adapter.experts' must be at least 1"),
+                .find("--set 'adapter.experts=0': 'adapter.experts': expert count must be at least 1, got 0"),
             std::string::npos);
   EXPECT_NE(error_of("adapter: {method: mola, experts: [2, 0, 4]}")
-                .find("run.yaml: 'adapter.experts' entry 1 is 0; every layer needs at least 1 expert"),
+                .find("run.yaml: 'adapter.experts': per-layer expert list: expert count 0 at position 1 "
+                      "must be at least 1"),
             std::string::npos);
-  EXPECT_NE(error_of("adapter: {method: mola, experts: \"2,-1\"}").find("'adapter.experts' pattern '2,-1' holds -1"),
+  EXPECT_NE(error_of("adapter: {method: mola, experts: \"2,-1\"}").find("'adapter.experts': expert pattern '2,-1': expert count -1"),
             std::string::npos);
   EXPECT_NE(error_of("adapter: {method: mixlora, experts: 4}", {"adapter.router.top_k=9"})
                 .find("--set 'adapter.router.top_k=9': 'adapter.router.top_k' is 9 but "

@@ -244,7 +244,7 @@ TEST(MoeSites, AdapterSpecErrorsNameTheKey) {
     spec.validate(2);
     FAIL();
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("mixlora needs 'down_proj'"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("adapter.target_modules lacks 'down_proj'"), std::string::npos);
   }
   spec.target_modules = {"qproj"};
   EXPECT_THROW(spec.validate(2), Error);
