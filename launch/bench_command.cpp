@@ -148,6 +148,8 @@ void add_bench_command(CLI::App& app, BenchOptions& o) {
   cmd->add_flag("--json", o.json, "train, kernels: print only the JSON line");
   cmd->add_option("--site", o.site, "dispatch: linear or ffn")->check(CLI::IsMember({"linear", "ffn"}));
   cmd->add_option("--backend", o.backend, "dispatch, optimizer: auto, mpi, gloo or nccl");
+  cmd->add_option("--zero-bucket-mib", o.zero_bucket_mib, "optimizer: ZeRO's bucket size (parallel.zero_bucket_mib)")
+      ->check(CLI::Range(1e-3, 65536.0));
 }
 
 void run_bench(const BenchOptions& options) {

@@ -52,6 +52,7 @@ struct BenchOptions {
   bool json = false;         // only the JSON line
   std::string site = "linear";   // dispatch: linear (routed LoRA deltas) or ffn (MixLoRA block)
   std::string backend = "auto";  // dispatch: communicator backend
+  double zero_bucket_mib = 32.0;  // optimizer: ZeRO's bucket size (parallel.zero_bucket_mib)
 };
 
 void add_bench_command(CLI::App& app, BenchOptions& options);

@@ -8,6 +8,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 
@@ -82,7 +83,8 @@ StageResult time_stage(const BenchOptions& o, const moe::ModelConfig& c,
   parallel::ParameterRegistry registry(adapter_slots(o, c));
   parallel::ProcessGrid grid(parallel::ParallelSizes{world->size(), 1, zero, 0}, world);
   std::unique_ptr<parallel::Optimizer> optimizer =
-      parallel::make_optimizer(registry, &grid, parallel::AdamWOptions{});
+      parallel::make_optimizer(registry, &grid, parallel::AdamWOptions{},
+                               static_cast<int64_t>(std::llround(o.zero_bucket_mib * (1 << 20))));
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed + 1 + world->rank());
   std::vector<double> ms;
   for (int64_t it = 0; it < o.warmup + o.iters; ++it) {
@@ -115,16 +117,17 @@ void run_optimizer_bench(const BenchOptions& o, const dist::MpiRuntime& runtime)
   if (world->rank() != 0) return;
   const int64_t params = parallel::ParameterRegistry(adapter_slots(o, c)).global_numel();
   std::printf("mole bench optimizer: %s adapter (r=%lld%s) on %s, %lld layers: %lld trainable "
-              "parameters (float32), DP %d, %s backend\n",
+              "parameters (float32), DP %d, %s backend, ZeRO buckets of %g MiB\n",
               o.method.c_str(), (long long)o.rank,
               o.method == "mixlora" ? (", " + std::to_string(o.experts) + " experts").c_str() : "",
               o.shape.c_str(), (long long)(o.layers > 0 ? std::min(o.layers, c.num_layers) : c.num_layers),
-              (long long)params, world->size(), world->backend());
+              (long long)params, world->size(), world->backend(), o.zero_bucket_mib);
   std::printf("%-6s %12s %12s %16s %16s %16s\n", "zero", "median ms", "min ms", "params MiB/rank",
               "grads MiB/rank", "optim MiB/rank");
   nlohmann::json json = {{"bench", "optimizer"}, {"shape", o.shape}, {"method", o.method},
                          {"rank", o.rank}, {"experts", o.experts}, {"params", params},
-                         {"dp", world->size()}, {"backend", world->backend()}};
+                         {"dp", world->size()}, {"backend", world->backend()},
+                         {"zero_bucket_mib", o.zero_bucket_mib}};
   constexpr double kMiB = 1024.0 * 1024.0;
   for (const StageResult& r : results) {
     std::printf("%-6d %12.1f %12.1f %16.1f %16.1f %16.1f\n", r.zero, r.median_ms, r.min_ms,

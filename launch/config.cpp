@@ -330,6 +330,9 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
   check(c.parallel.ep >= 1, parallel, "ep", "must be at least 1");
   parallel.get("zero", c.parallel.zero);
   check(c.parallel.zero >= 0 && c.parallel.zero <= 2, parallel, "zero", "must be 0, 1 or 2");
+  parallel.get("zero_bucket_mib", c.parallel.zero_bucket_mib);
+  check(c.parallel.zero_bucket_mib > 0 && c.parallel.zero_bucket_mib <= 65536, parallel,
+        "zero_bucket_mib", "must be in (0, 65536]");
   parallel.get("base_shard", c.parallel.base_shard);
   check(c.parallel.base_shard >= 0, parallel, "base_shard",
         "must be 0 (off) or the number of ranks per base-shard group");
@@ -434,7 +437,8 @@ std::string to_yaml(const Config& c) {
       << t.max_bad_steps << YAML::EndMap;
   const ParallelSection& p = c.parallel;
   out << YAML::Key << "parallel" << YAML::Value << YAML::BeginMap << YAML::Key << "ep" << YAML::Value
-      << p.ep << YAML::Key << "zero" << YAML::Value << p.zero << YAML::Key << "base_shard"
+      << p.ep << YAML::Key << "zero" << YAML::Value << p.zero << YAML::Key << "zero_bucket_mib"
+      << YAML::Value << p.zero_bucket_mib << YAML::Key << "base_shard"
       << YAML::Value << p.base_shard << YAML::Key << "dispatch" << YAML::Value << p.dispatch
       << YAML::Key << "backend" << YAML::Value << p.backend << YAML::Key << "timeout_s"
       << YAML::Value << p.timeout_s << YAML::EndMap;

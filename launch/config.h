@@ -78,6 +78,7 @@ struct TrainSection {
 struct ParallelSection {
   int64_t ep = 1;
   int64_t zero = 0;
+  double zero_bucket_mib = 32.0;  // ZeRO's flat buffers (buckets) of trainable tensors
   int64_t base_shard = 0;  // ranks per frozen-base shard group; 0: off (DESIGN.md §8)
   std::string dispatch = "auto";
   std::string backend = "auto";

@@ -202,7 +202,8 @@ void MetricsSink::write_summary(const TrainSummary& s) const {
   if (!s.zero_groups.empty()) {
     nlohmann::json groups = nlohmann::json::array();
     for (const TrainSummary::ShardGroup& g : s.zero_groups) {
-      groups.push_back({{"group", g.group}, {"numel", g.numel}, {"ranks", g.ranks}, {"slice", g.slice}});
+      groups.push_back({{"group", g.group}, {"bucket", g.bucket}, {"numel", g.numel},
+                        {"ranks", g.ranks}, {"slice", g.slice}});
     }
     done["memory"]["groups"] = groups;
   }

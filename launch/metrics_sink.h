@@ -39,9 +39,11 @@ struct TrainSummary {
   int64_t trainable_bytes = 0;
   int64_t grad_bytes = 0;
   int64_t optimizer_bytes = 0;
-  // ZeRO's flat buffers on this rank: group ("world" or "edp"), elements, ranks, slice per rank.
+  // ZeRO's flat buffers on this rank: group ("world" or "edp"), bucket, elements, ranks, slice
+  // per rank.
   struct ShardGroup {
     std::string group;
+    int bucket = 0;
     int64_t numel = 0, ranks = 0, slice = 0;
   };
   std::vector<ShardGroup> zero_groups;

@@ -7,6 +7,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "checkpoint/model_loader.h"
 #include "checkpoint/moe_peft_adapter.h"
@@ -208,7 +209,9 @@ RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid) {
   load_data(run);
   run.registry = std::make_unique<parallel::ParameterRegistry>(
       *run.model, parallel::OptimizerHints{c.train.lora_plus_ratio, c.train.weight_decay});
-  run.optimizer = parallel::make_optimizer(*run.registry, run.grid.get(), parallel::AdamWOptions{});
+  run.optimizer = parallel::make_optimizer(
+      *run.registry, run.grid.get(), parallel::AdamWOptions{},
+      static_cast<int64_t>(std::llround(c.parallel.zero_bucket_mib * (1 << 20))));
   spdlog::info("adapter: {} with {} trainable parameters in {} tensors ({} held on this rank)",
                moe::method_name(run.spec.method), run.registry->global_numel(),
                run.registry->slots().size(), run.registry->local_numel());

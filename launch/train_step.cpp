@@ -76,6 +76,7 @@ StepResult accumulate_gradients(RunParts& run, const StepCounters& counters) {
     at::Tensor lm = ls.sum / static_cast<double>(batch.global_target_tokens);
     moe::AuxLosses aux = moe::aux_losses(ctx, run.spec.aux, over_ranks);
     (lm + aux.total / accumulation).backward();
+    run.optimizer->end_backward();  // ZeRO-2 reduces what backward has not yet
     // Every value as float64 on the loss's device (the aux total of an adapter without MoE sites
     // is a host zero).
     const auto keep = [&](const at::Tensor& t) {

@@ -49,7 +49,8 @@ TrainSummary Trainer::run() {
   summary.grad_bytes = memory.grad_bytes;
   summary.optimizer_bytes = memory.optimizer_bytes;
   for (const parallel::FlatLayout& l : parts_.optimizer->flat_layouts()) {
-    summary.zero_groups.push_back({l.group, l.numel, l.slice > 0 ? l.padded / l.slice : 0, l.slice});
+    summary.zero_groups.push_back(
+        {l.group, l.bucket, l.numel, l.slice > 0 ? l.padded / l.slice : 0, l.slice});
   }
   MOLE_CHECK(summary.skipped_steps < summary.steps, "every one of the ", summary.steps,
              " steps had a non-finite loss or gradient and was skipped: nothing was trained and no "

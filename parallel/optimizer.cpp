@@ -82,9 +82,10 @@ class ReplicatedAdamW final : public Optimizer {
 }  // namespace
 
 std::unique_ptr<Optimizer> make_optimizer(const ParameterRegistry& registry,
-                                          const ProcessGrid* grid, const AdamWOptions& options) {
+                                          const ProcessGrid* grid, const AdamWOptions& options,
+                                          int64_t zero_bucket_bytes) {
   if (grid && grid->dims().zero() > 0) {
-    return make_zero_optimizer(registry, *grid, options, grid->dims().zero());
+    return make_zero_optimizer(registry, *grid, options, grid->dims().zero(), zero_bucket_bytes);
   }
   return std::make_unique<ReplicatedAdamW>(registry, grid, options);
 }

@@ -33,8 +33,9 @@ struct OptimizerState {
   std::vector<OptimizerSlotState> slots;
 };
 
-// ZeRO's flat buffer of one replica group: the group's registry slots laid end to end in
-// registry order, padded to a multiple of the group size; rank r of the group owns elements
+// One of ZeRO's flat buffers: a bucket of one replica group's registry slots (consecutive in
+// registry order, at most parallel.zero_bucket_mib of them unless one slot alone is larger) laid
+// end to end, padded to a multiple of the group size; rank r of the group owns elements
 // [r * slice, (r + 1) * slice). What a checkpoint needs to save and re-slice the state.
 struct FlatEntry {
   std::string name;    // the slot's global name
@@ -43,6 +44,7 @@ struct FlatEntry {
 };
 struct FlatLayout {
   std::string group;  // "world" or "edp"
+  int bucket = 0;     // index of the bucket within its group, in registry order
   std::vector<FlatEntry> entries;
   int64_t numel = 0;   // sum of the entries
   int64_t padded = 0;  // numel rounded up to a multiple of the group size
@@ -53,7 +55,10 @@ struct FlatLayout {
 // Bytes this rank keeps for the trainable state (for logs and summary.json).
 struct OptimizerMemory {
   int64_t trainable_bytes = 0;  // the trainable tensors (whole on every rank that holds them)
-  int64_t grad_bytes = 0;       // gradients (backward writes them whole, at every ZeRO stage)
+  // Gradients at their peak (collectives' transient buffers aside): whole without ZeRO; the
+  // reduced slices plus, at stage 1, the whole gradient backward wrote, at stage 2 the largest
+  // bucket (gradients are held only until their bucket is reduce-scattered).
+  int64_t grad_bytes = 0;
   int64_t optimizer_bytes = 0;  // AdamW moments (ZeRO-1/2: this rank's slices)
 };
 
@@ -63,6 +68,9 @@ class Optimizer {
   // Collective over the world and the EDP group: afterwards every trainable tensor's gradient is
   // its sum over the tensor's replica group (a tensor without a gradient takes part with zeros).
   virtual void reduce_gradients() = 0;
+  // Called after each backward pass of a step (each micro-batch), by every rank: ZeRO-2 reduces
+  // there what the pass has not reduced yet. Nothing to do for the others.
+  virtual void end_backward() {}
   // The L2 norm of the whole unsharded gradient, the same on every rank; non-finite when any
   // gradient is. A device -> host sync; collective over the EP group when there are shards.
   virtual double grad_norm() const = 0;
@@ -82,11 +90,15 @@ class Optimizer {
   virtual const ParameterRegistry& registry() const = 0;
 };
 
+// parallel.zero_bucket_mib's default.
+constexpr int64_t kZeroBucketBytes = int64_t{32} << 20;
+
 // AdamW for the run's layout: with grid->dims().zero() 1 or 2 the ZeRO optimizer
-// (zero_optimizer.h), else every rank keeping the full state of what it holds. `grid` null: one
-// process (ZeRO on one process is the unsharded optimizer). The registry and the grid must
-// outlive the optimizer.
+// (zero_optimizer.h, flat buffers of `zero_bucket_bytes`), else every rank keeping the full state
+// of what it holds. `grid` null: one process (ZeRO on one process is the unsharded optimizer).
+// The registry and the grid must outlive the optimizer. Collective over the grid with ZeRO-2.
 std::unique_ptr<Optimizer> make_optimizer(const ParameterRegistry& registry,
-                                          const ProcessGrid* grid, const AdamWOptions& options);
+                                          const ProcessGrid* grid, const AdamWOptions& options,
+                                          int64_t zero_bucket_bytes = kZeroBucketBytes);
 
 }  // namespace mole::parallel

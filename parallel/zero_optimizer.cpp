@@ -2,8 +2,18 @@
 #include "parallel/zero_optimizer.h"
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 
+#include <algorithm>
 #include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
 
 #include "dist/communicator.h"
 #include "kernels/check.h"
@@ -11,20 +21,30 @@
 
 namespace mole::parallel {
 
-FlatLayout flat_layout(const ParameterRegistry& registry, ReplicaGroup group, int group_size,
-                       int group_rank) {
-  FlatLayout layout;
-  layout.group = group == ReplicaGroup::kWorld ? "world" : "edp";
+std::vector<FlatLayout> flat_layouts(const ParameterRegistry& registry, ReplicaGroup group,
+                                     int group_size, int group_rank, int64_t bucket_elements) {
+  std::vector<FlatLayout> out;
+  const auto finish = [&](FlatLayout& l) {
+    const int64_t n = group_size;
+    l.padded = (l.numel + n - 1) / n * n;
+    l.slice = l.padded / n;
+    l.slice_begin = l.slice * group_rank;
+  };
   for (const ParamSlot& s : registry.slots()) {
     if (s.group() != group) continue;
-    layout.entries.push_back({s.name, layout.numel, s.tensor.numel()});
-    layout.numel += s.tensor.numel();
+    if (out.empty() || (!out.back().entries.empty() &&
+                        out.back().numel + s.tensor.numel() > bucket_elements)) {
+      if (!out.empty()) finish(out.back());
+      out.emplace_back();
+      out.back().group = group == ReplicaGroup::kWorld ? "world" : "edp";
+      out.back().bucket = static_cast<int>(out.size()) - 1;
+    }
+    FlatLayout& l = out.back();
+    l.entries.push_back({s.name, l.numel, s.tensor.numel()});
+    l.numel += s.tensor.numel();
   }
-  const int64_t n = group_size;
-  layout.padded = (layout.numel + n - 1) / n * n;
-  layout.slice = layout.padded / n;
-  layout.slice_begin = layout.slice * group_rank;
-  return layout;
+  if (!out.empty()) finish(out.back());
+  return out;
 }
 
 namespace {
@@ -37,84 +57,273 @@ struct Segment {
   double weight_decay;
 };
 
+// One bucket of one replica group.
 struct Group {
   FlatLayout layout;
-  dist::Communicator* comm = nullptr;
-  std::vector<at::Tensor> tensors;  // the slots' tensors, in layout order
+  dist::Communicator* comm = nullptr;  // the replica group: all-gathers, stage 1's all-reduces
+  size_t stream = 0;                   // stage 2: the GradientStream that reduces it
+  std::vector<at::Tensor> tensors;     // the slots' tensors, in layout order
   std::vector<Segment> segments;
-  at::Tensor grad_slice;            // the reduced gradient of the slice (after reduce_gradients)
-  at::Tensor exp_avg, exp_avg_sq;   // [slice]
+  // The reduced gradient of the slice: after reduce_gradients(); at stage 2 the sum of the
+  // backward passes' reduce-scatters, written by the stream's thread only until it is drained.
+  at::Tensor grad_slice;
+  at::Tensor exp_avg, exp_avg_sq;  // [slice]
+  // Stage 2, the current backward pass: the gradients taken out of the tensors (undefined: none
+  // yet) and how many of them are defined.
+  std::vector<at::Tensor> held;
+  size_t ready = 0;
 };
 
 // Elements of a slice per collective call (every rank sends this many per peer).
 constexpr int64_t kChunk = int64_t{2} << 20;
 
+// Calls fn(tensor index, offset in the tensor, offset in the range, count) for each tensor's part
+// of the flat buffer's elements [start, start + length); padding is skipped.
+template <typename Fn>
+void for_each_piece(const FlatLayout& layout, int64_t start, int64_t length, Fn&& fn) {
+  for (size_t i = 0; i < layout.entries.size(); ++i) {
+    const FlatEntry& e = layout.entries[i];
+    const int64_t begin = std::max(start, e.offset);
+    const int64_t end = std::min(start + length, e.offset + e.numel);
+    if (begin < end) fn(i, begin - e.offset, begin - start, end - begin);
+  }
+}
+
+// The flat buffer's gradient elements [start, start + dst.numel()) into dst, from `grads` (one per
+// tensor of the layout): zeros for an undefined gradient (every rank runs the same collectives)
+// and for the padding.
+void copy_gradients(const FlatLayout& layout, const std::vector<at::Tensor>& grads, int64_t start,
+                    at::Tensor dst) {
+  dst.zero_();
+  for_each_piece(layout, start, dst.numel(), [&](size_t i, int64_t at, int64_t to, int64_t count) {
+    if (grads[i].defined()) dst.narrow(0, to, count).copy_(grads[i].reshape({-1}).narrow(0, at, count));
+  });
+}
+
+// The sum over `comm` of the bucket's gradients `grads`, this rank's slice of it: chunk by chunk
+// of the slice (bounded messages), chunk k holding every rank's elements [k c, (k + 1) c) of its
+// slice, in rank order, copied straight from the gradients (no flat copy of the whole buffer).
+// Stage 1 all-reduces each chunk and keeps its part, stage 2 reduce-scatters it.
+at::Tensor reduce_slice(const Group& g, const std::vector<at::Tensor>& grads, dist::Communicator& comm,
+                        bool scatter) {
+  const int64_t n = comm.size(), slice = g.layout.slice;
+  const at::TensorOptions options = g.tensors.front().options().device(comm.tensor_device());
+  at::Tensor out = at::empty({slice}, options);
+  for (int64_t begin = 0; begin < slice; begin += kChunk) {
+    const int64_t c = std::min(kChunk, slice - begin);
+    at::Tensor chunk = at::empty({n * c}, options);
+    for (int64_t p = 0; p < n; ++p) copy_gradients(g.layout, grads, p * slice + begin, chunk.narrow(0, p * c, c));
+    at::Tensor part = out.narrow(0, begin, c);
+    if (scatter) {
+      comm.reduce_scatter(chunk, part)->wait();
+    } else {
+      comm.all_reduce(chunk, dist::ReduceOp::kSum)->wait();
+      part.copy_(chunk.narrow(0, comm.rank() * c, c));
+    }
+  }
+  return out.to(g.tensors.front().device());
+}
+
+// Stage 2: the reduce-scatters of one replica group's buckets, on a thread and a communicator of
+// their own, in the order they are submitted.
+class GradientStream {
+ public:
+  GradientStream(std::unique_ptr<dist::Communicator> comm, std::vector<size_t> order)
+      : comm_(std::move(comm)), order_(std::move(order)), thread_([this] { run(); }) {}
+  ~GradientStream() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+  // The buckets of this group in the order every rank reduces them, and the next one due.
+  const std::vector<size_t>& order() const { return order_; }
+  size_t next = 0;
+
+  // Queues the reduce-scatter of `group` with gradients `grads` (the group outlives the stream).
+  void submit(Group* group, std::vector<at::Tensor> grads) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.push_back({group, std::move(grads)});
+      ++pending_;
+    }
+    cv_.notify_all();
+  }
+
+  // Waits until every submitted bucket is reduced; rethrows the first error of the thread.
+  void drain() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait(lock, [this] { return pending_ == 0; });
+    if (error_) {
+      std::exception_ptr e = error_;
+      error_ = nullptr;
+      std::rethrow_exception(e);
+    }
+  }
+
+ private:
+  struct Job {
+    Group* group;
+    std::vector<at::Tensor> grads;
+  };
+
+  void run() {
+    at::NoGradGuard no_grad;
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        job = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      // After an error the rest is dropped: drain() reports the error.
+      bool failed;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        failed = error_ != nullptr;
+      }
+      if (!failed) {
+        try {
+          Group& g = *job.group;
+          at::Tensor mine = reduce_slice(g, job.grads, *comm_, /*scatter=*/true);
+          job.grads.clear();  // free the gradients before waiting for the next bucket
+          if (g.grad_slice.defined()) g.grad_slice.add_(mine);
+          else g.grad_slice = mine;
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(mutex_);
+          error_ = std::current_exception();
+        }
+      }
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        --pending_;
+      }
+      cv_.notify_all();
+    }
+  }
+
+  std::unique_ptr<dist::Communicator> comm_;
+  std::vector<size_t> order_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<Job> queue_;
+  int64_t pending_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+  std::thread thread_;  // last: started once the rest is built
+};
+
+// Runs `fn` after a leaf's gradient accumulator has written its gradient.
+class AfterAccumulate final : public torch::autograd::FunctionPostHook {
+ public:
+  explicit AfterAccumulate(std::function<void()> fn) : fn_(std::move(fn)) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
+                                            const torch::autograd::variable_list& /*inputs*/) override {
+    fn_();
+    return outputs;
+  }
+
+ private:
+  std::function<void()> fn_;
+};
+
 class ZeroAdamW final : public Optimizer {
  public:
   ZeroAdamW(const ParameterRegistry& registry, const ProcessGrid& grid, const AdamWOptions& options,
-            int stage)
+            int stage, int64_t bucket_bytes)
       : registry_(registry), grid_(grid), options_(options), stage_(stage) {
     MOLE_CHECK(stage == 1 || stage == 2, "ZeRO stage ", stage, " (allowed: 1, 2)");
+    MOLE_CHECK(bucket_bytes > 0, "ZeRO bucket of ", bucket_bytes, " bytes");
     for (ReplicaGroup kind : {ReplicaGroup::kWorld, ReplicaGroup::kExpertData}) {
       dist::Communicator& comm = kind == ReplicaGroup::kWorld ? grid.world() : grid.edp();
-      Group g;
-      g.layout = flat_layout(registry, kind, comm.size(), comm.rank());
-      if (g.layout.entries.empty()) continue;
-      g.comm = &comm;
-      int64_t offset = 0;
+      std::vector<ParamSlot> slots;
       for (const ParamSlot& s : registry.slots()) {
         if (s.group() != kind) continue;
         MOLE_CHECK(s.tensor.scalar_type() == at::kFloat || s.tensor.scalar_type() == at::kDouble,
                    "optimizer: trainable tensor '", s.name, "' must be float32 (or float64), got ",
                    s.tensor.scalar_type());
-        MOLE_CHECK(g.tensors.empty() || s.tensor.scalar_type() == g.tensors.front().scalar_type(),
+        MOLE_CHECK(slots.empty() || s.tensor.scalar_type() == slots.front().tensor.scalar_type(),
                    "ZeRO: trainable tensors of one group must share a dtype ('", s.name, "')");
-        g.tensors.push_back(s.tensor);
-        // This slot's elements [offset, offset + numel) meet the slice [begin, begin + slice).
-        const int64_t begin = std::max(offset, g.layout.slice_begin);
-        const int64_t end = std::min(offset + s.tensor.numel(), g.layout.slice_begin + g.layout.slice);
-        if (begin < end) {
-          g.segments.push_back({s.tensor.detach().view({-1}).narrow(0, begin - offset, end - begin),
-                                begin - g.layout.slice_begin, s.lr_scale, s.weight_decay});
-        }
-        offset += s.tensor.numel();
+        slots.push_back(s);
       }
-      const at::TensorOptions slice_options = g.tensors.front().options();
-      g.exp_avg = at::zeros({g.layout.slice}, slice_options);
-      g.exp_avg_sq = at::zeros({g.layout.slice}, slice_options);
-      groups_.push_back(std::move(g));
+      if (slots.empty()) continue;
+      const int64_t bucket_elements =
+          std::max<int64_t>(1, bucket_bytes / static_cast<int64_t>(slots.front().tensor.element_size()));
+      const size_t first_group = groups_.size();
+      size_t next_slot = 0;
+      for (FlatLayout& layout : parallel::flat_layouts(registry, kind, comm.size(), comm.rank(), bucket_elements)) {
+        Group g;
+        g.layout = std::move(layout);
+        g.comm = &comm;
+        g.stream = streams_.size();
+        for (const FlatEntry& e : g.layout.entries) {
+          const ParamSlot& s = slots[next_slot++];
+          g.tensors.push_back(s.tensor);
+          // This slot's elements [offset, offset + numel) meet the slice [begin, begin + slice).
+          const int64_t begin = std::max(e.offset, g.layout.slice_begin);
+          const int64_t end = std::min(e.offset + e.numel, g.layout.slice_begin + g.layout.slice);
+          if (begin < end) {
+            g.segments.push_back({s.tensor.detach().view({-1}).narrow(0, begin - e.offset, end - begin),
+                                  begin - g.layout.slice_begin, s.lr_scale, s.weight_decay});
+          }
+        }
+        const at::TensorOptions slice_options = g.tensors.front().options();
+        g.exp_avg = at::zeros({g.layout.slice}, slice_options);
+        g.exp_avg_sq = at::zeros({g.layout.slice}, slice_options);
+        g.held.resize(g.tensors.size());
+        groups_.push_back(std::move(g));
+      }
+      if (stage_ == 2) {
+        // Backward produces the last layers' gradients first.
+        std::vector<size_t> order;
+        for (size_t i = groups_.size(); i-- > first_group;) order.push_back(i);
+        streams_.push_back(std::make_unique<GradientStream>(
+            comm.split(0, comm.rank(), comm.name() + "-grads", comm.timeout_s()), std::move(order)));
+      }
     }
+    if (stage_ == 2) add_hooks();
+  }
+
+  ~ZeroAdamW() override {
+    for (auto& [accumulator, key] : hooks_) accumulator->del_post_hook(key);
+    streams_.clear();  // joins the threads before the groups go
+  }
+
+  void end_backward() override {
+    if (stage_ != 2) return;
+    // Every bucket not sent in this pass, in the fixed order: gradients written without the hooks
+    // (set by hand) are taken now, missing ones are zeros.
+    for (auto& stream : streams_) {
+      for (; stream->next < stream->order().size(); ++stream->next) {
+        Group& g = groups_[stream->order()[stream->next]];
+        for (size_t i = 0; i < g.tensors.size(); ++i) take_gradient(g, i);
+        send(g);
+      }
+      stream->next = 0;
+    }
+    pass_open_ = false;
+    ++passes_;
   }
 
   void reduce_gradients() override {
     at::NoGradGuard no_grad;
+    if (stage_ == 2) {
+      // A backward pass without end_backward(), or gradients set by hand: one more pass.
+      if (pass_open_ || passes_ == 0) end_backward();
+      for (auto& stream : streams_) stream->drain();
+      passes_ = 0;
+      return;
+    }
     for (Group& g : groups_) {
-      const int64_t n = g.comm->size(), slice = g.layout.slice;
-      const at::TensorOptions options = g.tensors.front().options().device(g.comm->tensor_device());
-      g.grad_slice = at::empty({slice}, options);
-      // In chunks of the slice (bounded messages, as the unsharded reducer's buckets): chunk k of
-      // the collective holds every rank's elements [k c, (k + 1) c) of its slice, in rank order,
-      // copied straight from the gradients (no flat copy of the whole buffer).
-      for (int64_t begin = 0; begin < slice; begin += kChunk) {
-        const int64_t c = std::min(kChunk, slice - begin);
-        at::Tensor chunk = at::empty({n * c}, options);
-        for (int64_t p = 0; p < n; ++p) {
-          copy_gradients(g, p * slice + begin, chunk.narrow(0, p * c, c));
-        }
-        at::Tensor out = g.grad_slice.narrow(0, begin, c);
-        if (stage_ == 1) {
-          // Stage 1: the sum of every element, as without ZeRO; this rank keeps its part.
-          g.comm->all_reduce(chunk, dist::ReduceOp::kSum)->wait();
-          out.copy_(chunk.narrow(0, g.comm->rank() * c, c));
-        } else {
-          at::Tensor mine = at::empty({c}, options);
-          g.comm->reduce_scatter(chunk, mine)->wait();
-          out.copy_(mine);
-        }
-      }
-      g.grad_slice = g.grad_slice.to(g.tensors.front().device());
-      // The tensors' own gradients are not read again: free them (ZeRO-2 never keeps the full
-      // reduced gradient; stage 1 keeps only the slice too, after the reduction).
+      std::vector<at::Tensor> grads;
+      for (const at::Tensor& t : g.tensors) grads.push_back(t.grad());
+      g.grad_slice = reduce_slice(g, grads, *g.comm, /*scatter=*/false);
+      // The tensors' own gradients are not read again.
       for (at::Tensor t : g.tensors) t.mutable_grad() = at::Tensor();
     }
   }
@@ -157,8 +366,16 @@ class ZeroAdamW final : public Optimizer {
   }
 
   void zero_grad() override {
+    for (auto& stream : streams_) {
+      stream->drain();
+      stream->next = 0;
+    }
+    pass_open_ = false;
+    passes_ = 0;
     for (Group& g : groups_) {
       g.grad_slice = at::Tensor();
+      for (at::Tensor& h : g.held) h = at::Tensor();
+      g.ready = 0;
       for (at::Tensor t : g.tensors) {
         if (t.grad().defined()) t.mutable_grad() = at::Tensor();
       }
@@ -167,14 +384,19 @@ class ZeroAdamW final : public Optimizer {
 
   OptimizerMemory memory() const override {
     OptimizerMemory m;
+    int64_t largest_bucket = 0;
     for (const Group& g : groups_) {
       const int64_t element = static_cast<int64_t>(g.tensors.front().element_size());
       m.trainable_bytes += g.layout.numel * element;
-      // Backward writes whole gradients at every stage (the reduction runs after it), so that is
-      // the gradient memory; stage 2 halves the traffic, not yet this peak.
-      m.grad_bytes += g.layout.numel * element;
+      // Both stages keep the reduced slices; stage 1 holds the whole gradient until it is reduced,
+      // stage 2 a bucket's gradients until that bucket is (the collectives' transient buffers are
+      // not counted, as without ZeRO).
+      m.grad_bytes += g.layout.slice * element;
+      if (stage_ == 1) m.grad_bytes += g.layout.numel * element;
+      else largest_bucket = std::max(largest_bucket, g.layout.numel * element);
       m.optimizer_bytes += 2 * g.layout.slice * element;
     }
+    m.grad_bytes += largest_bucket;
     return m;
   }
 
@@ -214,33 +436,62 @@ class ZeroAdamW final : public Optimizer {
 
  private:
   std::string state_name(const Group& g) const {
-    return "zero" + std::to_string(stage_) + "/" + g.layout.group + "/slice" +
+    return "zero" + std::to_string(stage_) + "/" + g.layout.group + "/bucket" +
+           std::to_string(g.layout.bucket) + "/slice" +
            std::to_string(g.layout.slice_begin / std::max<int64_t>(1, g.layout.slice));
   }
 
-  // Calls fn(tensor index, offset in the tensor, offset in the range, count) for each tensor's
-  // part of the flat buffer's elements [start, start + length); padding is skipped.
-  template <typename Fn>
-  static void for_each_piece(const Group& g, int64_t start, int64_t length, Fn&& fn) {
-    for (size_t i = 0; i < g.layout.entries.size(); ++i) {
-      const FlatEntry& e = g.layout.entries[i];
-      const int64_t begin = std::max(start, e.offset);
-      const int64_t end = std::min(start + length, e.offset + e.numel);
-      if (begin < end) fn(i, begin - e.offset, begin - start, end - begin);
+  // Stage 2: a hook on each tensor's gradient accumulator (kept alive here, removed with the
+  // optimizer) that runs once backward has written the tensor's gradient.
+  void add_hooks() {
+    for (size_t gi = 0; gi < groups_.size(); ++gi) {
+      for (size_t ti = 0; ti < groups_[gi].tensors.size(); ++ti) {
+        const at::Tensor& t = groups_[gi].tensors[ti];
+        std::shared_ptr<torch::autograd::Node> accumulator = torch::autograd::impl::grad_accumulator(t);
+        MOLE_CHECK(accumulator != nullptr, "ZeRO-2: trainable tensor '", groups_[gi].layout.entries[ti].name,
+                   "' is not a leaf that requires a gradient");
+        const uintptr_t key = accumulator->add_post_hook(
+            std::make_unique<AfterAccumulate>([this, gi, ti] { gradient_arrived(gi, ti); }));
+        hooks_.emplace_back(std::move(accumulator), key);
+      }
     }
   }
 
-  // The flat buffer's gradient elements [start, start + dst.numel()) into dst: zeros for a tensor
-  // without a gradient (every rank runs the same collectives) and for the padding.
-  static void copy_gradients(const Group& g, int64_t start, at::Tensor dst) {
-    dst.zero_();
-    for_each_piece(g, start, dst.numel(), [&](size_t i, int64_t at, int64_t to, int64_t count) {
-      const at::Tensor& grad = g.tensors[i].grad();
-      if (grad.defined()) dst.narrow(0, to, count).copy_(grad.reshape({-1}).narrow(0, at, count));
-    });
+  // Moves tensor i's gradient, if it has one, into the group's held gradients.
+  static void take_gradient(Group& g, size_t i) {
+    at::Tensor grad = g.tensors[i].grad();
+    if (!grad.defined()) return;
+    g.tensors[i].mutable_grad() = at::Tensor();
+    if (g.held[i].defined()) {
+      g.held[i] = g.held[i] + grad;  // a second gradient in one pass (not seen in practice)
+    } else {
+      g.held[i] = grad;
+      ++g.ready;
+    }
   }
 
-  // The updated slices of every rank into every rank's tensors, in chunks as reduce_gradients.
+  void send(Group& g) {
+    streams_[g.stream]->submit(&g, std::move(g.held));
+    g.held.assign(g.tensors.size(), at::Tensor());
+    g.ready = 0;
+  }
+
+  // Backward wrote tensor ti of group gi: take it, then send every bucket now complete that is
+  // next in its stream's order.
+  void gradient_arrived(size_t gi, size_t ti) {
+    pass_open_ = true;
+    Group& g = groups_[gi];
+    take_gradient(g, ti);
+    GradientStream& stream = *streams_[g.stream];
+    while (stream.next < stream.order().size()) {
+      Group& due = groups_[stream.order()[stream.next]];
+      if (due.ready < due.tensors.size()) break;
+      send(due);
+      ++stream.next;
+    }
+  }
+
+  // The updated slices of every rank into every rank's tensors, in chunks as reduce_slice.
   void all_gather_parameters(Group& g) {
     const int64_t n = g.comm->size(), slice = g.layout.slice;
     const at::TensorOptions options = g.tensors.front().options().device(g.comm->tensor_device());
@@ -252,7 +503,7 @@ class ZeroAdamW final : public Optimizer {
       g.comm->all_gather(mine.narrow(0, begin, c), chunk)->wait();
       for (int64_t p = 0; p < n; ++p) {
         const at::Tensor part = chunk.narrow(0, p * c, c);
-        for_each_piece(g, p * slice + begin, c, [&](size_t i, int64_t at, int64_t from, int64_t count) {
+        for_each_piece(g.layout, p * slice + begin, c, [&](size_t i, int64_t at, int64_t from, int64_t count) {
           g.tensors[i].detach().view({-1}).narrow(0, at, count).copy_(part.narrow(0, from, count));
         });
       }
@@ -263,7 +514,11 @@ class ZeroAdamW final : public Optimizer {
   const ProcessGrid& grid_;
   AdamWOptions options_;
   int stage_;
-  std::vector<Group> groups_;
+  std::vector<Group> groups_;  // not resized after construction: the streams point into it
+  std::vector<std::unique_ptr<GradientStream>> streams_;
+  std::vector<std::pair<std::shared_ptr<torch::autograd::Node>, uintptr_t>> hooks_;
+  bool pass_open_ = false;  // a hook ran since the last end_backward()
+  int64_t passes_ = 0;      // end_backward() calls since the last reduce_gradients()
   int64_t step_ = 0;
 };
 
@@ -271,8 +526,8 @@ class ZeroAdamW final : public Optimizer {
 
 std::unique_ptr<Optimizer> make_zero_optimizer(const ParameterRegistry& registry,
                                                const ProcessGrid& grid, const AdamWOptions& options,
-                                               int stage) {
-  return std::make_unique<ZeroAdamW>(registry, grid, options, stage);
+                                               int stage, int64_t bucket_bytes) {
+  return std::make_unique<ZeroAdamW>(registry, grid, options, stage, bucket_bytes);
 }
 
 }  // namespace mole::parallel

@@ -85,6 +85,9 @@ TEST(Config, ErrorsNameTheKeyAndTheAllowedValues) {
   EXPECT_EQ(launch::parse_config("parallel: {base_shard: 8}", "run.yaml").parallel.base_shard, 8);
   EXPECT_NE(error_of("parallel: {zero: 3}").find("'parallel.zero' must be 0, 1 or 2"),
             std::string::npos);
+  EXPECT_NE(error_of("parallel: {zero_bucket_mib: 0}").find("'parallel.zero_bucket_mib' must be in (0, 65536]"),
+            std::string::npos);
+  EXPECT_EQ(launch::parse_config("parallel: {zero_bucket_mib: 0.5}", "run.yaml").parallel.zero_bucket_mib, 0.5);
   EXPECT_NE(error_of("parallel: {dispatch: experts}").find("auto, tokens, weights"),
             std::string::npos);
   EXPECT_NE(error_of("adapter: {router_init_range: -0.1}").find("'adapter.router_init_range' must be at least 0"),

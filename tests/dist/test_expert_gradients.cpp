@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "launch/data.h"
 #include "launch/run_parts.h"
 #include "launch/train_step.h"
 #include "parallel/process_grid.h"
@@ -112,6 +113,58 @@ TEST_F(ExpertGradients, MixLoraWeightGatherMatchesEp1) {
 TEST_F(ExpertGradients, MolaWithAReplicatedLayerMatchesEp1) {
   check({"adapter.method=mola", "adapter.experts=2,4,4,8", "parallel.dispatch=tokens"},
         "mola 2,4,4,8");
+}
+
+// ZeRO-2 reduces during backward: right after each micro-batch's backward() no trainable tensor
+// holds a gradient any more (hooks took every one to its bucket, and small buckets went out
+// while backward ran), and the reduced gradient's norm equals the unsharded optimizer's, for
+// EP 1 and the largest EP dividing the world (world and EDP buckets), with accumulation.
+double zero_step_norm(int ep, int zero) {
+  std::shared_ptr<Communicator> comm = test_comm(world());
+  launch::Config config = launch::parse_config(
+      "model: {base: 'synthetic:tiny', dtype: fp64}\n"
+      "adapter: {method: mixlora, r: 4, alpha: 8, dropout: 0.0, experts: 4, router: {top_k: 2},\n"
+      "          aux_loss_coef: 0.0}\n"
+      "data: {train: 'synthetic:multitask', eval: '', seq_len: 32, synthetic_examples: 64}\n"
+      "train: {steps: 1, micro_batch: 1, global_batch: 8, seed: 11}\n"
+      "parallel: {dispatch: tokens, zero_bucket_mib: 0.01}\n",
+      "zero-gradients.yaml", {"parallel.ep=" + std::to_string(ep), "parallel.zero=" + std::to_string(zero)});
+  auto grid = std::make_shared<parallel::ProcessGrid>(
+      parallel::ParallelSizes{comm->size(), ep, zero, 0}, comm);
+  launch::RunParts run = launch::build_run(config, grid);
+  if (zero == 2) {
+    // 0.01 MiB buckets: several per group.
+    EXPECT_GT(run.optimizer->flat_layouts().size(), 4u);
+  }
+  launch::StepBatch batch = run.loader->next();
+  EXPECT_GT(batch.micro_batches.size(), 1u);
+  for (const launch::MicroBatch& mb : batch.micro_batches) {
+    moe::ForwardContext ctx;
+    ctx.training = true;
+    ctx.generator = run.forward_gen;
+    ctx.valid_T = mb.valid_BS.reshape({-1});
+    ctx.dispatcher = run.moe_dispatcher();
+    at::Tensor logits = run.model->forward(mb.input_ids_BS, ctx);
+    (moe::causal_lm_loss_sum(logits, mb.labels_BS).sum /
+     static_cast<double>(batch.global_target_tokens)).backward();
+    if (zero == 2) {
+      for (const parallel::ParamSlot& s : run.registry->slots()) {
+        EXPECT_FALSE(s.tensor.grad().defined()) << s.name << " still holds its gradient after backward";
+      }
+    }
+    run.optimizer->end_backward();
+  }
+  run.optimizer->reduce_gradients();
+  return run.optimizer->grad_norm();
+}
+
+TEST_F(ExpertGradients, ZeroStage2ReducesDuringBackward) {
+  for (int ep : {1, world().size()}) {
+    const double want = zero_step_norm(ep, 0);
+    ASSERT_GT(want, 0.0);
+    EXPECT_NEAR(zero_step_norm(ep, 2), want, kTol * want) << "ep " << ep;
+    EXPECT_NEAR(zero_step_norm(ep, 1), want, kTol * want) << "ep " << ep;
+  }
 }
 
 }  // namespace
