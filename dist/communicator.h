@@ -62,6 +62,9 @@ class Communicator {
   virtual const std::string& name() const = 0;  // role of the group: "world", "ep", "edp", ...
   virtual const char* backend() const = 0;      // "mpi", ...
   virtual double timeout_s() const = 0;         // bound on every wait, set at construction
+  // Whether this backend's communicators may be used from several threads at once (one thread
+  // per communicator): MPI only when it provides MPI_THREAD_MULTIPLE.
+  virtual bool concurrent_use() const { return true; }
   // Where this backend's tensors live; every collective checks its tensors against it.
   virtual at::Device tensor_device() const { return at::Device(at::kCPU); }
   // "communicator 'world' (rank 1 of 4)": for error messages.

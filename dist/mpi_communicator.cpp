@@ -209,6 +209,11 @@ MpiCommunicator::MpiCommunicator(std::unique_ptr<Handle> handle, std::string nam
 
 MpiCommunicator::~MpiCommunicator() = default;
 
+bool MpiCommunicator::concurrent_use() const {
+  int provided = MPI_THREAD_SINGLE;
+  return MPI_Query_thread(&provided) == MPI_SUCCESS && provided == MPI_THREAD_MULTIPLE;
+}
+
 std::shared_ptr<Work> MpiCommunicator::all_reduce_impl(at::Tensor& inout, ReduceOp op) {
   const char* name = "all_reduce";
   auto work = std::make_shared<MpiWork>(name, describe(), timeout_s_);

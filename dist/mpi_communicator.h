@@ -25,6 +25,7 @@ class MpiCommunicator final : public Communicator {
   const std::string& name() const override { return name_; }
   const char* backend() const override { return "mpi"; }
   double timeout_s() const override { return timeout_s_; }
+  bool concurrent_use() const override;  // MPI_Query_thread gives MPI_THREAD_MULTIPLE
 
  private:
   struct Handle;  // owns the MPI_Comm

@@ -72,10 +72,11 @@ struct Group {
   // yet) and how many of them are defined.
   std::vector<at::Tensor> held;
   size_t ready = 0;
+  bool sent = false;  // handed to its stream in this pass
 };
 
 // Elements of a slice per collective call (every rank sends this many per peer).
-constexpr int64_t kChunk = int64_t{2} << 20;
+constexpr int64_t kChunk = int64_t{1} << 19;
 
 // Calls fn(tensor index, offset in the tensor, offset in the range, count) for each tensor's part
 // of the flat buffer's elements [start, start + length); padding is skipped.
@@ -130,6 +131,8 @@ class GradientStream {
  public:
   GradientStream(std::unique_ptr<dist::Communicator> comm, std::vector<size_t> order)
       : comm_(std::move(comm)), order_(std::move(order)), thread_([this] { run(); }) {}
+  // Finishes the bucket in flight (its collective is bounded by the communicator's timeout) and
+  // drops the queued ones: only an error leaves any, and the peers are not waiting for them.
   ~GradientStream() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -177,7 +180,7 @@ class GradientStream {
       {
         std::unique_lock<std::mutex> lock(mutex_);
         cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
-        if (queue_.empty()) return;
+        if (stop_) return;
         job = std::move(queue_.front());
         queue_.pop_front();
       }
@@ -279,6 +282,9 @@ class ZeroAdamW final : public Optimizer {
         groups_.push_back(std::move(g));
       }
       if (stage_ == 2) {
+        MOLE_CHECK(comm.concurrent_use(), "parallel.zero = 2 reduces gradients on a thread of its own, "
+                   "which needs MPI_THREAD_MULTIPLE, and this MPI library provides less; use "
+                   "parallel.zero = 1, or parallel.backend = gloo");
         // Backward produces the last layers' gradients first.
         std::vector<size_t> order;
         for (size_t i = groups_.size(); i-- > first_group;) order.push_back(i);
@@ -286,11 +292,18 @@ class ZeroAdamW final : public Optimizer {
             comm.split(0, comm.rank(), comm.name() + "-grads", comm.timeout_s()), std::move(order)));
       }
     }
-    if (stage_ == 2) add_hooks();
+    if (stage_ == 2) {
+      try {
+        add_hooks();
+      } catch (...) {
+        remove_hooks();  // the destructor does not run for a constructor that throws
+        throw;
+      }
+    }
   }
 
   ~ZeroAdamW() override {
-    for (auto& [accumulator, key] : hooks_) accumulator->del_post_hook(key);
+    remove_hooks();
     streams_.clear();  // joins the threads before the groups go
   }
 
@@ -306,6 +319,7 @@ class ZeroAdamW final : public Optimizer {
       }
       stream->next = 0;
     }
+    for (Group& g : groups_) g.sent = false;
     pass_open_ = false;
     ++passes_;
   }
@@ -315,7 +329,7 @@ class ZeroAdamW final : public Optimizer {
     if (stage_ == 2) {
       // A backward pass without end_backward(), or gradients set by hand: one more pass.
       if (pass_open_ || passes_ == 0) end_backward();
-      for (auto& stream : streams_) stream->drain();
+      drain();
       passes_ = 0;
       return;
     }
@@ -366,16 +380,15 @@ class ZeroAdamW final : public Optimizer {
   }
 
   void zero_grad() override {
-    for (auto& stream : streams_) {
-      stream->drain();
-      stream->next = 0;
-    }
+    drain();
+    for (auto& stream : streams_) stream->next = 0;
     pass_open_ = false;
     passes_ = 0;
     for (Group& g : groups_) {
       g.grad_slice = at::Tensor();
       for (at::Tensor& h : g.held) h = at::Tensor();
       g.ready = 0;
+      g.sent = false;
       for (at::Tensor t : g.tensors) {
         if (t.grad().defined()) t.mutable_grad() = at::Tensor();
       }
@@ -457,13 +470,32 @@ class ZeroAdamW final : public Optimizer {
     }
   }
 
+  void remove_hooks() {
+    for (auto& [accumulator, key] : hooks_) accumulator->del_post_hook(key);
+    hooks_.clear();
+  }
+
+  // Waits for every stream (all of them, also after an error in one), then rethrows the first
+  // error.
+  void drain() {
+    std::exception_ptr first;
+    for (auto& stream : streams_) {
+      try {
+        stream->drain();
+      } catch (...) {
+        if (!first) first = std::current_exception();
+      }
+    }
+    if (first) std::rethrow_exception(first);
+  }
+
   // Moves tensor i's gradient, if it has one, into the group's held gradients.
   static void take_gradient(Group& g, size_t i) {
     at::Tensor grad = g.tensors[i].grad();
     if (!grad.defined()) return;
     g.tensors[i].mutable_grad() = at::Tensor();
     if (g.held[i].defined()) {
-      g.held[i] = g.held[i] + grad;  // a second gradient in one pass (not seen in practice)
+      g.held[i] = g.held[i] + grad;  // a second gradient before the bucket went out
     } else {
       g.held[i] = grad;
       ++g.ready;
@@ -474,6 +506,7 @@ class ZeroAdamW final : public Optimizer {
     streams_[g.stream]->submit(&g, std::move(g.held));
     g.held.assign(g.tensors.size(), at::Tensor());
     g.ready = 0;
+    g.sent = true;
   }
 
   // Backward wrote tensor ti of group gi: take it, then send every bucket now complete that is
@@ -481,6 +514,12 @@ class ZeroAdamW final : public Optimizer {
   void gradient_arrived(size_t gi, size_t ti) {
     pass_open_ = true;
     Group& g = groups_[gi];
+    // Its bucket is already reduced in this pass: a second backward() without end_backward()
+    // between them, or a tensor accumulated twice in one pass. Dropping the gradient would be
+    // silent, and sending the bucket again would not match the other ranks' collectives.
+    MOLE_CHECK(!g.sent, "ZeRO-2: a gradient for '", g.layout.entries[ti].name,
+               "' arrived after its bucket was reduce-scattered in this backward pass; call "
+               "Optimizer::end_backward() after each backward()");
     take_gradient(g, ti);
     GradientStream& stream = *streams_[g.stream];
     while (stream.next < stream.order().size()) {

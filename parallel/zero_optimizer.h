@@ -15,8 +15,12 @@
 //     order backward produces them); end_backward() sends those still incomplete (zeros for a
 //     tensor without a gradient), so every rank runs the same collectives in every pass. A
 //     gradient is thus held only until its bucket is reduced: per rank, the slices plus about a
-//     bucket, instead of the whole gradient. With accumulation every micro-batch is reduced
-//     (as DeepSpeed's stage 2 does).
+//     bucket, instead of the whole gradient (more while a bucket early in the order waits for a
+//     late gradient, or when the thread falls behind: the queue is not capped). With
+//     accumulation every micro-batch is reduced (as DeepSpeed's stage 2 does). Needs a backend
+//     whose communicators may be used from two threads (MPI_THREAD_MULTIPLE; checked). On CUDA
+//     the thread reads gradients on its default stream: backward must run on the legacy default
+//     stream, as everything in mole does today.
 // The gradient norm is that of the whole unsharded gradient, from the slices (one scalar
 // all-reduce over the world: the world's slices hold every element of the world group once, and
 // the EDP slices of all EP ranks every expert once). Element-wise AdamW makes the update the
