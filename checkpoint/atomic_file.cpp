@@ -20,15 +20,14 @@ std::string errno_text() { return std::strerror(errno); }
 
 std::string pid_suffix() { return ".tmp." + std::to_string(::getpid()); }
 
-// Makes a rename in `dir` durable; failure here is harmless for correctness.
+}  // namespace
+
 void sync_folder(const std::string& dir) {
   const int fd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY);
   if (fd < 0) return;
   ::fsync(fd);
   ::close(fd);
 }
-
-}  // namespace
 
 AtomicFile::AtomicFile(std::string path) : path_(std::move(path)), tmp_(path_ + pid_suffix()) {
   file_ = std::fopen(tmp_.c_str(), "wb");

@@ -29,6 +29,9 @@ class AtomicFile {
   bool committed_ = false;
 };
 
+// Makes renames and new entries in folder `dir` durable (fsync of the folder; best effort).
+void sync_folder(const std::string& dir);
+
 // `bytes` to `path` through an AtomicFile.
 void write_file_atomic(const std::string& path, const std::string& bytes);
 

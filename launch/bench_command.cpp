@@ -125,7 +125,7 @@ void bench_moe(const BenchOptions& o) {
 
 void add_bench_command(CLI::App& app, BenchOptions& o) {
   CLI::App* cmd = app.add_subcommand("bench", "Benchmarks; prints a table and a JSON line");
-  cmd->add_option("what", o.what, "moe (MoE-LoRA layer vs LoRA), dispatch (expert parallelism, under mpirun), train (whole training steps at a model shape), kernels (MoE primitives against the copy bandwidth) or optimizer (reduction and update of an adapter's state for ZeRO 0/1/2, under mpirun)")->required()->check(CLI::IsMember({"moe", "dispatch", "train", "kernels", "optimizer"}));
+  cmd->add_option("what", o.what, "moe (MoE-LoRA layer vs LoRA), dispatch (expert parallelism, under mpirun), train (whole training steps at a model shape), kernels (MoE primitives against the copy bandwidth) optimizer (reduction and update of an adapter's state for ZeRO 0/1/2, under mpirun) or checkpoint (save and load of the same state, ZeRO 0 and 2)")->required()->check(CLI::IsMember({"moe", "dispatch", "train", "kernels", "optimizer", "checkpoint"}));
   cmd->add_option("--tokens", o.tokens, "tokens per step");
   cmd->add_option("--hidden", o.hidden, "hidden size D");
   cmd->add_option("--intermediate", o.intermediate, "FFN size F");
@@ -164,6 +164,7 @@ void run_bench(const BenchOptions& options) {
   if (o.what == "train") bench_train(o);
   if (o.what == "kernels") bench_kernels(o);
   if (o.what == "optimizer") bench_optimizer(o);
+  if (o.what == "checkpoint") bench_checkpoint(o);
 }
 
 }  // namespace mole::launch

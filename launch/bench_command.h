@@ -64,6 +64,8 @@ void bench_train(const BenchOptions& options);
 // One process (bench_kernels.cpp).
 void bench_kernels(const BenchOptions& options);
 void bench_optimizer(const BenchOptions& options);
+// Under mpirun or alone (bench_optimizer.cpp).
+void bench_checkpoint(const BenchOptions& options);
 // Runs `bench` inside an MPI runtime (a bench under mpirun); an error is reported with the rank
 // before it leaves the runtime's scope (which aborts every rank).
 void run_under_mpi(const std::function<void(const dist::MpiRuntime&)>& bench);

@@ -344,17 +344,13 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
 
   Section ckpt = top.child("checkpoint");
   ckpt.get("dir", c.checkpoint.dir);
-  check(c.checkpoint.dir.empty(), ckpt, "dir",
-        "is not supported yet: training checkpoints are not implemented (leave it unset)");
   ckpt.get("every", c.checkpoint.every);
   check(c.checkpoint.every >= 0, ckpt, "every", "must be non-negative");
   ckpt.get("keep", c.checkpoint.keep);
   check(c.checkpoint.keep >= 1, ckpt, "keep", "must be at least 1");
   ckpt.get("resume", c.checkpoint.resume);
-  check(c.checkpoint.resume == "auto" || c.checkpoint.resume == "never", ckpt, "resume",
-        "is '" + c.checkpoint.resume +
-            "': resuming is not implemented yet (training checkpoints come later); allowed: auto "
-            "(nothing to resume yet), never");
+  check(!c.checkpoint.resume.empty(), ckpt, "resume",
+        "must be auto, never or the path of a checkpoint folder");
   ckpt.finish();
 
   Section log = top.child("log");

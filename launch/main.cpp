@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
     at::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
   }
   try {
-    if (app.got_subcommand("train")) mole::launch::run_train(train);
+    if (app.got_subcommand("train")) return mole::launch::run_train(train);
     if (app.got_subcommand("forward")) mole::launch::run_forward(forward);
     if (app.got_subcommand("export")) mole::launch::run_export(export_options);
     if (app.got_subcommand("bench")) mole::launch::run_bench(bench);

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -68,13 +69,29 @@ void claim_run_folder(const Config& config, bool lead) {
 }
 
 MetricsSink::MetricsSink(const Config& config, bool lead, bool show_progress, bool moe_method,
-                         const at::Device& device)
+                         const at::Device& device, int64_t resumed_step)
     : config_(config), lead_(lead), tty_(show_progress), moe_(moe_method), device_(device) {
   summary_.run_dir = config.log.dir;
   summary_.eval_loss = std::nan("");
   if (lead_) {
     fs::create_directories(config.log.dir);
     ckpt::write_file_atomic(config.log.dir + "/config.yaml", to_yaml(config));
+    const std::string log = config.log.dir + "/metrics.jsonl";
+    if (resumed_step >= 0 && fs::exists(log)) {
+      // Lines of steps after the checkpoint were made by the run that stopped; they are made
+      // again now.
+      std::ifstream in(log);
+      std::string line, kept;
+      while (std::getline(in, line)) {
+        const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+        if (j.is_object() && j.contains("step") && j["step"].is_number() &&
+            j["step"].get<int64_t>() > resumed_step) {
+          continue;
+        }
+        kept += line + "\n";
+      }
+      ckpt::write_file_atomic(log, kept);
+    }
     metrics_ = std::make_unique<ckpt::AppendLog>(config.log.dir + "/metrics.jsonl");
     if (config.log.tensorboard) tb_ = std::make_unique<TensorBoardWriter>(config.log.dir);
   }

@@ -47,6 +47,9 @@ struct TrainSummary {
     int64_t numel = 0, ranks = 0, slice = 0;
   };
   std::vector<ShardGroup> zero_groups;
+  // Stopped early by SIGTERM or SIGUSR1, after saving the checkpoint `checkpoint`.
+  bool stopped = false;
+  std::string checkpoint;
 };
 
 // Loss and next-token accuracy on response tokens (labels != -100).
@@ -66,8 +69,10 @@ class MetricsSink {
   // `lead`: this rank writes (rank 0). Creates the run folder and writes config.yaml there.
   // `show_progress`: a progress bar on the console (one process on a terminal).
   // `device`: the model's; on CUDA the log lines carry its allocator peak.
+  // `resumed_step` >= 0: the run continues from a checkpoint of that step, and metrics.jsonl keeps
+  // only its lines up to that step (a killed run may have logged beyond its last checkpoint).
   MetricsSink(const Config& config, bool lead, bool show_progress, bool moe_method,
-              const at::Device& device);
+              const at::Device& device, int64_t resumed_step = -1);
   ~MetricsSink();
 
   // After every step: the running summary, the progress bar, and at log steps (train.log.every,

@@ -39,9 +39,6 @@ at::Device model_device(const Config& c) {
 void check_supported(const Config& c) {
   MOLE_CHECK(c.parallel.base_shard == 0, "parallel.base_shard = ", c.parallel.base_shard,
              ": frozen-base sharding is not available yet");
-  MOLE_CHECK(c.checkpoint.every == 0, "checkpoint.every = ", c.checkpoint.every,
-             ": sharded training checkpoints are not available yet (set it to 0; the adapter is "
-             "written at the end of the run)");
   MOLE_CHECK(!(c.model.dtype == "fp64" && c.model.device == "cuda"),
              "model.dtype fp64 is a CPU mode for exactness checks; use fp32 or bf16 on CUDA");
   MOLE_CHECK(!(c.model.dtype == "bf16" && c.model.device == "cpu"),

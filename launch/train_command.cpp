@@ -13,6 +13,7 @@
 #include "dist/runtime.h"
 #include "kernels/check.h"
 #include "launch/metrics_sink.h"
+#include "launch/checkpointing.h"
 #include "launch/trainer.h"
 #include "parallel/parallel_dims.h"
 #include "parallel/process_grid.h"
@@ -78,17 +79,20 @@ void build_grid(DistributedRun& run, const Config& config) {
 
 }  // namespace
 
-void run_train(const TrainOptions& options) {
+int run_train(const TrainOptions& options) {
   Config config = load_config(options.config_path, options.overrides);
   DistributedRun distributed;
   if (dist::detect_rank_info().world > 1) distributed.runtime = std::make_unique<dist::MpiRuntime>();
   const int rank = distributed.runtime ? distributed.runtime->rank_info().rank : 0;
+  install_stop_signals();
   try {
     if (distributed.runtime) build_grid(distributed, config);
-    claim_run_folder(config, rank == 0);
+    // A run that continues from its checkpoint owns its folder already.
+    if (checkpoint_to_resume(config).empty()) claim_run_folder(config, rank == 0);
     Trainer trainer(std::move(config), distributed.grid);
     TrainSummary s = trainer.run();
-    if (rank != 0) return;
+    if (s.stopped) return kExitStopped;
+    if (rank != 0) return 0;
     const double ratio = s.first_loss > 0 ? s.last_loss / s.first_loss : 0.0;
     spdlog::info("done: {} steps in {:.1f} s | loss {:.4f} (first step) -> {:.4f} (mean of the last 10) = {:.0f}% | {:.0f} target tok/s{}",
                  s.steps, s.wall_s, s.first_loss, s.last_loss, 100.0 * ratio, s.tokens_per_s,
@@ -98,6 +102,7 @@ void run_train(const TrainOptions& options) {
     }
     spdlog::info("run folder {}: config.yaml, metrics.jsonl, events.out.tfevents.*, adapter/{}",
                  s.run_dir, trainer.config().model.base == "synthetic:tiny" ? ", base/" : "");
+    return 0;
   } catch (const std::exception& e) {
     if (distributed.runtime) {
       // Report, then end every rank: peers may be waiting in a collective this rank left.

@@ -4,10 +4,14 @@
 #include <ATen/ATen.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdio>
+#include <spdlog/spdlog.h>
 
 #include "checkpoint/adapter_export.h"
+#include "dist/communicator.h"
 #include "kernels/check.h"
+#include "launch/checkpointing.h"
 #include "parallel/expert_dispatcher.h"
 #include "parallel/optimizer.h"
 #include "parallel/parameter_registry.h"
@@ -15,8 +19,43 @@
 
 namespace mole::launch {
 
+namespace {
+
+// The signal that asked the run to stop (SIGTERM, SIGUSR1), 0 for none.
+volatile std::sig_atomic_t g_stop_signal = 0;
+
+extern "C" void on_stop_signal(int signal) { g_stop_signal = signal; }
+
+}  // namespace
+
+void install_stop_signals() {
+  struct sigaction action {};
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGUSR1, &action, nullptr);
+}
+
 Trainer::Trainer(Config config, std::shared_ptr<parallel::ProcessGrid> grid)
-    : parts_(build_run(std::move(config), std::move(grid))) {}
+    : parts_(build_run(std::move(config), std::move(grid))) {
+  const Config& c = parts_.config;
+  if (c.checkpoint.every > 0) check_checkpoint_dir(c, rank());
+  resumed_from_ = checkpoint_to_resume(c);
+  if (!resumed_from_.empty()) counters_ = resume_from_checkpoint(parts_, resumed_from_);
+}
+
+bool Trainer::stop_requested() const {
+  bool stop = g_stop_signal != 0;
+  if (world() > 1) {
+    // Every rank stops at the same step, whichever got the signal.
+    dist::Communicator& w = parts_.grid->world();
+    at::Tensor flag = at::tensor({static_cast<int64_t>(stop)}, at::kLong).to(w.tensor_device());
+    w.all_reduce(flag, dist::ReduceOp::kMax)->wait();
+    stop = flag.cpu().item<int64_t>() != 0;
+  }
+  return stop;
+}
 
 Trainer::~Trainer() = default;
 
@@ -34,12 +73,26 @@ TrainSummary Trainer::run() {
   const Config& c = parts_.config;
   // No progress bar under mpirun, whose forwarded stdout may look like a terminal.
   MetricsSink sink(c, rank() == 0, world() == 1 && isatty(fileno(stdout)), parts_.spec.is_moe(),
-                   parts_.model->options().device());
+                   parts_.model->options().device(), resumed_from_.empty() ? -1 : counters_.step);
   while (counters_.step < c.train.steps) {
     sink.on_step(step());
     const int64_t done = counters_.step;
     if (c.train.eval_every > 0 && done % c.train.eval_every == 0 && done != c.train.steps) {
       evaluate_and_log(sink, done);
+    }
+    if (stop_requested()) {
+      // Preemption: checkpoint this step and end (the run continues from it when started again).
+      TrainSummary summary = sink.summary();
+      summary.stopped = true;
+      summary.checkpoint = save_checkpoint(parts_, counters_);
+      if (rank() == 0) {
+        spdlog::warn("stopped by a signal after step {}: checkpoint {} saved; run the same command "
+                     "to continue", done, summary.checkpoint);
+      }
+      return summary;
+    }
+    if (c.checkpoint.every > 0 && done % c.checkpoint.every == 0 && done != c.train.steps) {
+      save_checkpoint(parts_, counters_);
     }
   }
   evaluate_and_log(sink, c.train.steps);

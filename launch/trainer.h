@@ -61,6 +61,8 @@ class Trainer {
   int world() const { return parts_.world(); }
 
  private:
+  // Whether any rank got SIGTERM or SIGUSR1 (collective over the world).
+  bool stop_requested() const;
   // Evaluation on the held-out set; every rank of an EP group takes part (same examples).
   void evaluate_and_log(MetricsSink& sink, int64_t step);
   // Collective: the whole adapter gathered from the expert shards; rank 0 writes it (and a
@@ -69,7 +71,14 @@ class Trainer {
 
   RunParts parts_;
   StepCounters counters_;
+  std::string resumed_from_;  // the checkpoint the run continued from, if any
 };
+
+// SIGTERM and SIGUSR1 (what schedulers send before preemption) make Trainer::run finish the
+// current step on every rank, save a checkpoint and return (`mole train` then exits with
+// kExitStopped).
+void install_stop_signals();
+constexpr int kExitStopped = 75;  // EX_TEMPFAIL: stopped and checkpointed; run again to continue
 
 struct TrainOptions {
   std::string config_path;
@@ -78,8 +87,9 @@ struct TrainOptions {
 void add_train_command(CLI::App& app, TrainOptions& options);
 // Under mpirun (several ranks) this starts MPI, checks that every rank resolved the same config
 // (a digest of it is compared), builds the process grid, and trains data-parallel; logging and
-// outputs come from rank 0. A failure on any rank ends the whole job.
-void run_train(const TrainOptions& options);
+// outputs come from rank 0. A failure on any rank ends the whole job. Returns the exit status:
+// 0, or kExitStopped after a signal.
+int run_train(const TrainOptions& options);
 
 // FNV-1a digest of the resolved config, compared across ranks at start-up.
 uint64_t config_digest(const Config& config);

@@ -72,6 +72,31 @@ class ReplicatedAdamW final : public Optimizer {
   }
   const ParameterRegistry& registry() const override { return registry_; }
 
+  std::vector<StatePiece> state_pieces() const override {
+    std::vector<StatePiece> out;
+    for (size_t i = 0; i < registry_.slots().size(); ++i) {
+      const ParamSlot& s = registry_.slots()[i];
+      // One holder writes: world rank 0 for a tensor every rank holds, EDP rank 0 for a shard.
+      const bool writer = !grid_ || (s.sharded() ? grid_->edp_rank() == 0 : grid_->rank() == 0);
+      if (!writer) continue;
+      out.push_back({s.name, "exp_avg", global_begin(s), adam_.exp_avg(i).detach().reshape({-1}).clone()});
+      out.push_back({s.name, "exp_avg_sq", global_begin(s), adam_.exp_avg_sq(i).detach().reshape({-1}).clone()});
+    }
+    return out;
+  }
+
+  void load_state_pieces(const StateReader& read, int64_t steps) override {
+    for (size_t i = 0; i < registry_.slots().size(); ++i) {
+      const ParamSlot& s = registry_.slots()[i];
+      const int64_t n = s.tensor.numel();
+      adam_.restore(i, read(s.name, "exp_avg", global_begin(s), n).view(s.tensor.sizes()),
+                    read(s.name, "exp_avg_sq", global_begin(s), n).view(s.tensor.sizes()));
+    }
+    adam_.set_steps_taken(steps);
+  }
+
+  int64_t steps_taken() const override { return adam_.steps_taken(); }
+
  private:
   const ParameterRegistry& registry_;
   const ProcessGrid* grid_;
@@ -80,6 +105,10 @@ class ReplicatedAdamW final : public Optimizer {
 };
 
 }  // namespace
+
+int64_t global_begin(const ParamSlot& slot) {
+  return slot.tensor.size(0) == 0 ? 0 : slot.first_row * (slot.tensor.numel() / slot.tensor.size(0));
+}
 
 std::unique_ptr<Optimizer> make_optimizer(const ParameterRegistry& registry,
                                           const ProcessGrid* grid, const AdamWOptions& options,

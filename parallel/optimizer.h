@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -32,6 +33,23 @@ struct OptimizerState {
   int64_t steps = 0;
   std::vector<OptimizerSlotState> slots;
 };
+
+// Optimizer state in global terms, for sharded checkpoints that any layout can load: elements
+// [begin, begin + values.numel()) of the row-major flattened whole tensor `name` (every expert of
+// a site, under global expert ids), of moment `kind` ("exp_avg" or "exp_avg_sq").
+struct StatePiece {
+  std::string name;
+  std::string kind;
+  int64_t begin = 0;
+  at::Tensor values;  // 1-D, a copy
+};
+// Elements [begin, begin + count) of moment `kind` of the flattened whole tensor `name`, as a 1-D
+// tensor (throws naming what is missing).
+using StateReader = std::function<at::Tensor(const std::string& name, const std::string& kind,
+                                             int64_t begin, int64_t count)>;
+
+// Where this rank's part of `slot` starts in the flattened whole tensor.
+int64_t global_begin(const ParamSlot& slot);
 
 // One of ZeRO's flat buffers: a bucket of one replica group's registry slots (consecutive in
 // registry order, at most parallel.zero_bucket_mib of them unless one slot alone is larger) laid
@@ -87,6 +105,15 @@ class Optimizer {
   virtual OptimizerState state() const = 0;
   // Restores a state() of the same registry (names and shapes checked).
   virtual void load_state(const OptimizerState& state) = 0;
+
+  // This rank's share of the moments for a checkpoint: over the world, every element of every
+  // moment is in exactly one rank's pieces (a replicated tensor's by one holder, a ZeRO slice's
+  // by its owner).
+  virtual std::vector<StatePiece> state_pieces() const = 0;
+  // Restores the moments this rank keeps from pieces saved under any layout, and the number of
+  // updates taken.
+  virtual void load_state_pieces(const StateReader& read, int64_t steps) = 0;
+  virtual int64_t steps_taken() const = 0;
   virtual const ParameterRegistry& registry() const = 0;
 };
 

@@ -55,6 +55,8 @@ struct Segment {
   int64_t slice_offset;  // of the segment in the slice
   double lr_scale;
   double weight_decay;
+  std::string name;      // the slot's global name
+  int64_t global_begin;  // of the segment's first element in the flattened whole tensor
 };
 
 // One bucket of one replica group.
@@ -272,7 +274,8 @@ class ZeroAdamW final : public Optimizer {
           const int64_t end = std::min(e.offset + e.numel, g.layout.slice_begin + g.layout.slice);
           if (begin < end) {
             g.segments.push_back({s.tensor.detach().view({-1}).narrow(0, begin - e.offset, end - begin),
-                                  begin - g.layout.slice_begin, s.lr_scale, s.weight_decay});
+                                  begin - g.layout.slice_begin, s.lr_scale, s.weight_decay, s.name,
+                                  global_begin(s) + (begin - e.offset)});
           }
         }
         const at::TensorOptions slice_options = g.tensors.front().options();
@@ -446,6 +449,35 @@ class ZeroAdamW final : public Optimizer {
   }
 
   const ParameterRegistry& registry() const override { return registry_; }
+
+  std::vector<StatePiece> state_pieces() const override {
+    std::vector<StatePiece> out;
+    for (const Group& g : groups_) {
+      for (const Segment& s : g.segments) {
+        const int64_t n = s.param.numel();
+        out.push_back({s.name, "exp_avg", s.global_begin, g.exp_avg.narrow(0, s.slice_offset, n).clone()});
+        out.push_back({s.name, "exp_avg_sq", s.global_begin, g.exp_avg_sq.narrow(0, s.slice_offset, n).clone()});
+      }
+    }
+    return out;
+  }
+
+  void load_state_pieces(const StateReader& read, int64_t steps) override {
+    at::NoGradGuard no_grad;
+    for (Group& g : groups_) {
+      // The padding's moments stay zero (it never gets a gradient).
+      g.exp_avg.zero_();
+      g.exp_avg_sq.zero_();
+      for (const Segment& s : g.segments) {
+        const int64_t n = s.param.numel();
+        g.exp_avg.narrow(0, s.slice_offset, n).copy_(read(s.name, "exp_avg", s.global_begin, n));
+        g.exp_avg_sq.narrow(0, s.slice_offset, n).copy_(read(s.name, "exp_avg_sq", s.global_begin, n));
+      }
+    }
+    step_ = steps;
+  }
+
+  int64_t steps_taken() const override { return step_; }
 
  private:
   std::string state_name(const Group& g) const {

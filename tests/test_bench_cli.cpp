@@ -149,6 +149,26 @@ TEST(BenchCli, KernelsReportBandwidthAgainstTheCopy) {
 // The optimizer bench under mpirun: its adapter is the one `mole train` builds (the same number
 // of trainable parameters), and each ZeRO stage keeps the bytes it should: two moments of every
 // parameter at stage 0, of the padded half at stages 1 and 2 (two ranks, one world group).
+// The checkpoint bench under mpirun: every element of the parameters and both AdamW moments is
+// stored exactly once (float32: 12 bytes per parameter) at ZeRO 0 and 2, and with ZeRO 2 no rank
+// writes more than the parameters plus its half of the moments.
+TEST(BenchCli, CheckpointStoresEveryElementOnce) {
+  const test::CommandResult run = test::run_command(
+      "OMP_NUM_THREADS=1 " + std::string(MOLE_MPIRUN) + " -np 2 " + MOLE_BINARY +
+      " bench checkpoint --shape tiny --method mixlora --experts 4 --r 4");
+  ASSERT_EQ(run.exit_code, 0) << run.output;
+  const nlohmann::json j = last_json(run.output);
+  ASSERT_TRUE(j.contains("results")) << run.output;
+  const int64_t params = j["params"];
+  ASSERT_EQ(j["results"].size(), 2u);
+  for (const nlohmann::json& r : j["results"]) {
+    EXPECT_EQ(r["total_bytes"].get<int64_t>(), 12 * params) << r.dump();
+    if (r["zero"] == 2) {
+      EXPECT_LE(r["max_written_bytes_per_rank"].get<int64_t>(), 4 * params + 8 * ((params + 1) / 2)) << r.dump();
+    }
+  }
+}
+
 TEST(BenchCli, OptimizerReportsEachZeroStage) {
   const test::CommandResult run = test::run_command(
       "OMP_NUM_THREADS=1 " + std::string(MOLE_MPIRUN) + " -np 2 " + MOLE_BINARY +

@@ -198,7 +198,10 @@ TEST(Trainer, ExportReloadParityForEveryLayout) {
 TEST(Trainer, UnsupportedOptionsAreClearErrors) {
   test::TempDir dir;
   EXPECT_THROW(launch::Trainer(with(small_config(dir.path()), {"parallel.ep=2"})), Error);
-  EXPECT_THROW(launch::Trainer(with(small_config(dir.path()), {"checkpoint.every=10"})), Error);
+  const std::string no_checkpoint = test::error_of(
+      [&] { launch::Trainer(with(small_config(dir.path()), {"checkpoint.resume=" + dir.file("none")})); });
+  EXPECT_NE(no_checkpoint.find("is not a committed checkpoint folder (no manifest.pb there)"), std::string::npos)
+      << no_checkpoint;
   EXPECT_THROW(launch::Trainer(with(small_config(dir.path()), {"train.global_batch=6"})), Error);
 }
 

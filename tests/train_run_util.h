@@ -52,6 +52,14 @@ inline std::vector<nlohmann::json> metrics(const std::string& dir) {
   return lines;
 }
 
+// How many lines a run's metrics.jsonl holds (0 when there is none yet).
+inline size_t metrics_lines(const std::string& dir) {
+  std::ifstream in(dir + "/metrics.jsonl");
+  size_t n = 0;
+  for (std::string line; std::getline(in, line);) ++n;
+  return n;
+}
+
 // Every logged step of `got_dir` against `ref_dir`: loss, aux loss, load-balance loss and gradient
 // norm agree to `rel_tol` (relative); both logged `steps` lines.
 inline void expect_same_steps(const std::string& ref_dir, const std::string& got_dir,

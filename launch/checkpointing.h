@@ -1,0 +1,70 @@
+// Saving and resuming training checkpoints (DESIGN.md §5; the format is
+// checkpoint/training_checkpoint.h). Each rank writes only what it owns: a trainable tensor every
+// rank holds is written by world rank 0, an expert shard by the first rank of its EDP group, and
+// the AdamW moments by whoever keeps them (their ZeRO slice owners, or the same single holder
+// without ZeRO), all as element ranges of the whole tensors. Resuming reads, on every rank, the
+// ranges its own layout needs, so the world size, EP size, ZeRO stage and dispatch mode may
+// differ from the saving run's.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "checkpoint/training_checkpoint.h"
+#include "launch/run_parts.h"
+#include "launch/train_step.h"
+
+namespace mole::launch {
+
+// checkpoint.dir, or `<log.dir>/ckpt`.
+std::string checkpoint_dir(const Config& config);
+
+// The checkpoint this run resumes from ("" for none; see ckpt::find_checkpoint). The same on every
+// rank (they read the same files).
+std::string checkpoint_to_resume(const Config& config);
+
+// Creates checkpoint_dir and checks that this rank can write there; throws naming the folder
+// and the system's reason. Every rank, before training.
+void check_checkpoint_dir(const Config& config, int rank);
+
+// Collective over the world: writes the checkpoint of `counters.step` and commits it (rank 0
+// writes the manifest last, renames the folder, updates `latest`, prunes to checkpoint.keep).
+// Returns the committed folder. A failure on any rank is an error on every rank, and the previous
+// checkpoint stays as it was. Test hook: the environment variable MOLE_TEST_CRASH_BEFORE_MANIFEST
+// set to a step number kills rank 0 (SIGKILL) at that step's save, after every rank file is
+// written and before the manifest; MOLE_TEST_KILL_AFTER_CHECKPOINT=RANK:STEP kills that rank
+// right after that step's checkpoint is committed.
+std::string save_checkpoint(const RunParts& run, const StepCounters& counters);
+
+// Loads the checkpoint in `folder` into this rank's parts (trainable tensors, optimizer moments
+// and step, data position, forward generator) and returns its counters. Checks first that it was
+// made for this base model and this adapter (names both when not). Rank-local: no collectives.
+StepCounters resume_from_checkpoint(RunParts& run, const std::string& folder);
+
+// The core of save_checkpoint, for anything with a registry and an optimizer (the checkpoint
+// benchmark uses it without a model): collective over grid->world() (grid null: one process);
+// `describe` fills the run-level fields of the manifest on rank 0 (it gets the rank pieces
+// already). Returns the folder, and this rank's bytes written.
+struct SavedCheckpoint {
+  std::string folder;
+  uint64_t bytes = 0;      // written by this rank
+  uint64_t max_bytes = 0;  // the most any rank wrote
+  uint64_t total_bytes = 0;
+  double seconds = 0.0;
+};
+SavedCheckpoint write_checkpoint(const parallel::ProcessGrid* grid,
+                                 const parallel::ParameterRegistry& registry,
+                                 const parallel::Optimizer& optimizer, const at::Tensor& forward_rng,
+                                 const std::string& dir, int64_t step, int64_t keep,
+                                 const std::function<void(ckpt::pb::Manifest&)>& describe);
+// Reads this rank's trainable tensors and optimizer moments (any saving layout) from a stored
+// checkpoint; returns the bytes of the pieces read.
+uint64_t read_trainable_state(const ckpt::StoredCheckpoint& stored, const parallel::ParameterRegistry& registry,
+                              parallel::Optimizer& optimizer);
+
+// A digest of the base model: its config-derived tensor names, shapes and dtypes (and, for a
+// synthetic base, the seed its weights come from).
+uint64_t base_fingerprint(const RunParts& run);
+
+}  // namespace mole::launch

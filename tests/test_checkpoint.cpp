@@ -1,0 +1,306 @@
+// Training checkpoints (DESIGN.md §5) with real processes: the format's pieces (CRC-32C, the
+// framed manifest, ranges assembled from pieces), a rank killed right after the step-6 checkpoint
+// and the job resumed with the same command (bit-identical to the uninterrupted run in float32),
+// a save at DP 2 x EP 2 with ZeRO 2 resumed at EP 2 with ZeRO 1 on 2 ranks and on one process
+// (float64: losses and trained weights to 1e-12 of the uninterrupted run), a crash between the
+// rank files and the manifest, a stop by signal, and every bad input refused with a message that
+// names it.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "checkpoint/crc32c.h"
+#include "checkpoint/training_checkpoint.h"
+#include "kernels/check.h"
+#include "tests/test_util.h"
+#include "tests/train_run_util.h"
+
+namespace mole {
+namespace {
+
+namespace fs = std::filesystem;
+
+#define EXPECT_ERROR_CONTAINS(statement, text)                                          \
+  do {                                                                                  \
+    const std::string error_ = test::error_of([&] { statement; });                       \
+    EXPECT_NE(error_.find(text), std::string::npos) << "error: '" << error_ << "'";     \
+  } while (0)
+
+TEST(CheckpointFormat, Crc32cKnownValues) {
+  // The check value of CRC-32C (RFC 3720 B.4), and 32 zero bytes (iSCSI test vector).
+  EXPECT_EQ(ckpt::crc32c("123456789", 9), 0xE3069283u);
+  const std::string zeros(32, '\0');
+  EXPECT_EQ(ckpt::crc32c(zeros.data(), zeros.size()), 0x8A9136AAu);
+  // Continuing a checksum equals checksumming the whole.
+  EXPECT_EQ(ckpt::crc32c("6789", 4, ckpt::crc32c("12345", 5)), 0xE3069283u);
+}
+
+TEST(CheckpointFormat, PiecesAssembleAndDamageIsNamed) {
+  test::TempDir dir;
+  const std::string folder = dir.file("step-000002");
+  fs::create_directories(folder);
+  const at::Tensor whole = at::arange(10, at::kFloat);
+  // Two ranks' pieces of one tensor: [0, 4) and [4, 10).
+  ckpt::pb::Manifest m;
+  m.set_format_version(ckpt::kCheckpointFormat);
+  for (int rank : {0, 1}) {
+    const int64_t begin = rank == 0 ? 0 : 4, n = rank == 0 ? 4 : 6;
+    const ckpt::pb::RankPieces written =
+        ckpt::write_rank_file(folder, rank, {{"w", "param", begin, whole.narrow(0, begin, n)}});
+    m.add_files(written.file());
+    for (const auto& p : written.pieces()) *m.add_pieces() = p;
+  }
+  ckpt::write_manifest(folder, m);
+  {
+    ckpt::StoredCheckpoint stored(folder);
+    EXPECT_TRUE(stored.read("w", "param", 2, 5).equal(whole.narrow(0, 2, 5)));
+    EXPECT_EQ(stored.verify_all(), 40u);
+    EXPECT_ERROR_CONTAINS(stored.read("w", "param", 8, 4), "lacks elements [10, 12) of param of 'w'");
+    EXPECT_ERROR_CONTAINS(stored.read("w", "exp_avg", 0, 1), "holds no exp_avg of 'w'");
+  }
+  // A flipped byte in rank 1's data.
+  const std::string file = folder + "/" + ckpt::rank_file_name(1);
+  std::string bytes = test::read_bytes(file);
+  bytes[bytes.size() - 3] ^= 0x10;
+  test::write_bytes(file, bytes);
+  {
+    ckpt::StoredCheckpoint stored(folder);
+    EXPECT_TRUE(stored.read("w", "param", 0, 4).equal(whole.narrow(0, 0, 4)));  // rank 0's is fine
+    EXPECT_ERROR_CONTAINS(stored.read("w", "param", 0, 10),
+                          "checksum mismatch in checkpoint file '" + file + "', tensor 'param/w@4'");
+  }
+  // A truncated manifest, a missing one.
+  const std::string manifest = folder + "/manifest.pb";
+  const std::string full = test::read_bytes(manifest);
+  test::write_bytes(manifest, full.substr(0, full.size() / 2));
+  EXPECT_ERROR_CONTAINS(ckpt::StoredCheckpoint{folder}, "manifest.pb' is damaged");
+  fs::remove(manifest);
+  EXPECT_ERROR_CONTAINS(ckpt::StoredCheckpoint{folder}, "is not a committed checkpoint: it has no manifest.pb");
+}
+
+class CheckpointRuns : public test::MpiJobTest {
+ protected:
+  // `mole train` of the demo for 12 steps on `np` ranks (one process for 1) with micro-batch
+  // 8 / np and the extra options; returns its exit code, the log in `<dir>.log`.
+  int train(int np, const std::string& dir, const std::string& extra, const std::string& env = "") {
+    const std::string launcher = np == 1 ? "" : test::mpirun(np);
+    const std::string cmd = env + " OMP_NUM_THREADS=1 " + launcher + test::demo_train_args(dir, 8 / np) +
+                            " --set train.steps=12 " + extra;
+    return test::run(cmd, dir + ".log");
+  }
+  std::string log_of(const std::string& dir) { return test::read_bytes(dir + ".log"); }
+
+  static std::string latest(const std::string& run) {
+    std::string name = test::read_bytes(run + "/ckpt/latest");
+    while (!name.empty() && name.back() == '\n') name.pop_back();
+    return name;
+  }
+};
+
+// Every step of `got` equal to the same step of `ref` (exactly when tol is 0), for the steps
+// `got` logged.
+void expect_steps_of(const std::string& ref_dir, const std::string& got_dir, int64_t first_step,
+                     int64_t last_step, double tol) {
+  const std::vector<nlohmann::json> ref = test::metrics(ref_dir), got = test::metrics(got_dir);
+  ASSERT_EQ(got.size(), static_cast<size_t>(last_step - first_step + 1)) << got_dir;
+  for (const nlohmann::json& g : got) {
+    const int64_t step = g.at("step");
+    ASSERT_GE(step, first_step);
+    const nlohmann::json& r = ref.at(static_cast<size_t>(step - 1));
+    ASSERT_EQ(r.at("step").get<int64_t>(), step);
+    for (const char* key : {"loss", "aux_loss", "grad_norm", "lr"}) {
+      const double a = r.at(key).get<double>(), b = g.at(key).get<double>();
+      if (tol == 0.0) {
+        EXPECT_EQ(b, a) << key << " at step " << step << " of " << got_dir;
+      } else {
+        EXPECT_NEAR(b, a, tol * std::abs(a)) << key << " at step " << step << " of " << got_dir;
+      }
+    }
+  }
+}
+
+const std::string kLayout4 = " --set parallel.ep=2 --set parallel.zero=2 --set parallel.dispatch=tokens";
+
+// Rank 1 dies (SIGKILL) right after the step-6 checkpoint is committed; the same command then
+// continues from it: per-step losses and the adapter equal the uninterrupted run's bit for bit
+// (float32, same layout: DP 2 x EP 2 with ZeRO 2 on 4 ranks).
+TEST_F(CheckpointRuns, KilledRankResumesBitIdentical) {
+  const std::string ref = dir_.file("ref"), run = dir_.file("run");
+  ASSERT_EQ(train(4, ref, kLayout4), 0) << log_of(ref);
+  const std::string ckpt = kLayout4 + " --set checkpoint.every=6";
+  EXPECT_NE(train(4, run, ckpt, "MOLE_TEST_KILL_AFTER_CHECKPOINT=1:6"), 0) << log_of(run);
+  EXPECT_EQ(latest(run), "step-000006");
+  EXPECT_FALSE(fs::exists(run + "/adapter")) << "the killed run did not finish";
+  ASSERT_EQ(train(4, run, ckpt), 0) << log_of(run);
+  EXPECT_NE(log_of(run).find("resumed from " + run + "/ckpt/step-000006 at step 6"), std::string::npos)
+      << log_of(run);
+  expect_steps_of(ref, run, 1, 12, 0.0);
+  EXPECT_EQ(test::worst_weight_error(ref, run), 0.0);
+}
+
+// Saved by 4 ranks (DP 2 x EP 2, ZeRO 2, token dispatch), continued by 2 ranks (EP 2, ZeRO 1,
+// weight gather) and by one process: float64 losses and trained weights to 1e-12 of the
+// uninterrupted run. Then the same checkpoint, damaged or mismatched, refused by name.
+TEST_F(CheckpointRuns, ResumesAtOtherLayoutsAndRefusesBadCheckpoints) {
+  const std::string fp64 = " --set model.dtype=fp64";
+  const std::string ref = dir_.file("ref");
+  ASSERT_EQ(train(4, ref, kLayout4 + fp64 + " --set checkpoint.every=6"), 0) << log_of(ref);
+  const std::string saved = ref + "/ckpt/step-000006";
+  ASSERT_TRUE(fs::exists(saved + "/manifest.pb"));
+  EXPECT_EQ(latest(ref), "step-000006");
+  const std::string from = " --set checkpoint.resume=" + saved;
+  const std::string two = dir_.file("two"), one = dir_.file("one");
+  ASSERT_EQ(train(2, two, from + fp64 + " --set parallel.ep=2 --set parallel.zero=1 --set parallel.dispatch=weights"), 0)
+      << log_of(two);
+  ASSERT_EQ(train(1, one, from + fp64), 0) << log_of(one);
+  for (const std::string& got : {two, one}) {
+    expect_steps_of(ref, got, 7, 12, 1e-12);
+    const double worst = test::worst_weight_error(ref, got);
+    RecordProperty(fs::path(got).filename().string() + "_fp64_weight_error", test::sci(worst));
+    EXPECT_LT(worst, 1e-12) << got;
+  }
+
+  // Bad checkpoints: each refused before training, naming the problem; the run folder gets no
+  // metrics and the checkpoint is not changed.
+  const auto refused = [&](const std::string& name, const std::string& folder, const std::string& extra,
+                           const std::string& expected) {
+    const std::string out = dir_.file(name);
+    EXPECT_NE(train(1, out, " --set checkpoint.resume=" + folder + fp64 + extra), 0) << name;
+    EXPECT_NE(log_of(out).find(expected), std::string::npos) << name << ":\n" << log_of(out);
+    EXPECT_FALSE(fs::exists(out + "/metrics.jsonl")) << name;
+  };
+  const auto copy = [&](const std::string& name) {
+    const std::string to = dir_.file(name);
+    fs::copy(saved, to, fs::copy_options::recursive);
+    return to;
+  };
+  const std::string flipped = copy("flipped");
+  const std::string shard = flipped + "/" + ckpt::rank_file_name(1);
+  std::string bytes = test::read_bytes(shard);
+  bytes[bytes.size() - 5] ^= 0x01;
+  test::write_bytes(shard, bytes);
+  refused("bad-flipped", flipped, "", "checksum mismatch in checkpoint file '" + shard + "', tensor '");
+  EXPECT_EQ(test::read_bytes(shard), bytes) << "the damaged checkpoint was changed";
+
+  const std::string missing = copy("missing");
+  fs::remove(missing + "/" + ckpt::rank_file_name(2));
+  refused("bad-missing", missing, "", "lacks its file 'rank-00002.safetensors'");
+
+  const std::string truncated = copy("truncated");
+  const std::string manifest = test::read_bytes(truncated + "/manifest.pb");
+  test::write_bytes(truncated + "/manifest.pb", manifest.substr(0, manifest.size() - 7));
+  refused("bad-truncated", truncated, "", "manifest.pb' is damaged");
+
+  refused("bad-base", saved, " --set train.seed=7", "was made for another base model ('synthetic:tiny', whose tensors or seed differed)");
+  refused("bad-method", saved, " --set adapter.method=mola --set adapter.experts=4",
+          "was made with adapter.method mixlora; this run uses mola");
+  refused("bad-adapter", saved, " --set adapter.r=8", "but this run's adapter has");
+  refused("bad-path", dir_.file("nowhere"), "", "is not a committed checkpoint folder (no manifest.pb there)");
+}
+
+// Rank 0 dies after every rank file of the step-6 save is written and before the manifest: the
+// step-3 checkpoint stays `latest`, the half-written folder is never loaded, and the same command
+// continues from step 3, bit-identical to the uninterrupted run (the leftover folder is removed
+// by the next commit).
+TEST_F(CheckpointRuns, CrashBeforeManifestKeepsThePreviousCheckpoint) {
+  const std::string ref = dir_.file("ref"), run = dir_.file("run");
+  const std::string layout = " --set parallel.ep=2 --set parallel.dispatch=weights";
+  ASSERT_EQ(train(2, ref, layout), 0) << log_of(ref);
+  const std::string ckpt = layout + " --set checkpoint.every=3 --set checkpoint.keep=2";
+  EXPECT_NE(train(2, run, ckpt, "MOLE_TEST_CRASH_BEFORE_MANIFEST=6"), 0) << log_of(run);
+  EXPECT_EQ(latest(run), "step-000003");
+  EXPECT_TRUE(fs::exists(run + "/ckpt/step-000006.tmp/" + ckpt::rank_file_name(1)));
+  EXPECT_FALSE(fs::exists(run + "/ckpt/step-000006.tmp/manifest.pb"));
+  ASSERT_EQ(train(2, run, ckpt), 0) << log_of(run);
+  EXPECT_NE(log_of(run).find("at step 3"), std::string::npos) << log_of(run);
+  expect_steps_of(ref, run, 1, 12, 0.0);
+  EXPECT_EQ(test::worst_weight_error(ref, run), 0.0);
+  // keep = 2: the newest two of steps 3, 6, 9; no interrupted save left.
+  std::vector<std::string> left;
+  for (const auto& e : fs::directory_iterator(run + "/ckpt")) left.push_back(e.path().filename());
+  std::sort(left.begin(), left.end());
+  EXPECT_EQ(left, (std::vector<std::string>{"latest", "step-000006", "step-000009"}));
+}
+
+// SIGUSR1 to mpirun (which forwards it to every rank, as a scheduler's signal reaches every
+// task): the ranks finish the step they are in, save a checkpoint of it and exit with 75; the
+// same command then continues from it.
+TEST_F(CheckpointRuns, SignalSavesACheckpointAndExits) {
+  const std::string run = dir_.file("run");
+  const std::string cmd = "OMP_NUM_THREADS=1 exec " + test::mpirun(2) + test::demo_train_args(run, 4) +
+                          " --set train.steps=100000 > " + run + ".log 2>&1";
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  // Wait for a few steps, then signal.
+  for (int i = 0; i < 600 && test::metrics_lines(run) < 3; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ASSERT_GE(test::metrics_lines(run), 3) << log_of(run);
+  kill(pid, SIGUSR1);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << log_of(run);
+  EXPECT_EQ(WEXITSTATUS(status), 75) << log_of(run);
+  EXPECT_NE(log_of(run).find("stopped by a signal after step"), std::string::npos) << log_of(run);
+  const std::string name = latest(run);
+  ASSERT_FALSE(name.empty());
+  const int64_t step = std::stoll(name.substr(5));
+  EXPECT_EQ(static_cast<int64_t>(test::metrics_lines(run)), step) << "every finished step is logged";
+  // Continue for two more steps (a shorter schedule; the step count is what is checked).
+  ASSERT_EQ(test::run("OMP_NUM_THREADS=1 " + test::mpirun(2) + test::demo_train_args(run, 4) +
+                          " --set train.steps=" + std::to_string(step + 2),
+                      run + ".2.log"),
+            0)
+      << test::read_bytes(run + ".2.log");
+  EXPECT_EQ(static_cast<int64_t>(test::metrics_lines(run)), step + 2);
+}
+
+// checkpoint.dir that cannot be written is refused before training; a disk that fills during a
+// save (an 8 MiB tmpfs in a private mount namespace) ends the run with an error that says so and
+// leaves the previous checkpoint whole and loadable.
+TEST_F(CheckpointRuns, UnwritableFolderAndFullDisk) {
+  const std::string file = dir_.file("a-file");
+  test::write_bytes(file, "x");
+  const std::string out = dir_.file("unwritable");
+  EXPECT_NE(train(1, out, " --set checkpoint.every=3 --set checkpoint.dir=" + file + "/ckpt"), 0);
+  EXPECT_NE(log_of(out).find("checkpoint.dir '" + file + "/ckpt' cannot be created"), std::string::npos)
+      << log_of(out);
+  EXPECT_FALSE(fs::exists(out + "/metrics.jsonl"));
+
+  if (test::run_command("unshare --user --map-root-user --mount true").exit_code != 0) {
+    GTEST_SKIP() << "this machine cannot make a private tmpfs (unshare --user --mount failed)";
+  }
+  const std::string disk = dir_.file("disk"), after = dir_.file("after"), run = dir_.file("full");
+  fs::create_directory(disk);
+  const std::string script = dir_.file("full.sh");
+  std::ofstream(script) << "mount -t tmpfs -o size=8m tmpfs " << disk << " || exit 99\n"
+                        << "OMP_NUM_THREADS=1 " << test::demo_train_args(run, 8)
+                        << " --set train.steps=12 --set checkpoint.every=3 --set checkpoint.keep=1"
+                        << " --set checkpoint.dir=" << disk << "/ckpt > " << run << ".log 2>&1"
+                        << "\nrc=$?\ncp -a " << disk << "/ckpt " << after << "\nexit $rc\n";
+  const test::CommandResult result = test::run_command("unshare --user --map-root-user --mount bash " + script);
+  ASSERT_NE(result.exit_code, 99) << result.output;
+  EXPECT_EQ(result.exit_code, 1) << log_of(run);
+  EXPECT_NE(log_of(run).find("not saved"), std::string::npos) << log_of(run);
+  EXPECT_NE(log_of(run).find("No space left on device"), std::string::npos) << log_of(run);
+  EXPECT_NE(log_of(run).find("the previous checkpoint is intact"), std::string::npos) << log_of(run);
+  std::string name = test::read_bytes(after + "/latest");
+  name.pop_back();
+  ckpt::StoredCheckpoint stored(after + "/" + name);
+  EXPECT_GT(stored.verify_all(), 0u);
+  EXPECT_GE(stored.manifest().step(), 3);
+}
+
+}  // namespace
+}  // namespace mole
