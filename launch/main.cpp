@@ -15,6 +15,7 @@
 #include "launch/bench_command.h"
 #include "launch/export_command.h"
 #include "launch/forward_command.h"
+#include "launch/inspect_command.h"
 #include "launch/trainer.h"
 
 int main(int argc, char** argv) {
@@ -29,6 +30,8 @@ int main(int argc, char** argv) {
   mole::launch::add_forward_command(app, forward);
   mole::launch::ExportOptions export_options;
   mole::launch::add_export_command(app, export_options);
+  mole::launch::InspectOptions inspect;
+  mole::launch::add_inspect_command(app, inspect);
   mole::launch::BenchOptions bench;
   mole::launch::add_bench_command(app, bench);
 
@@ -64,6 +67,7 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("train")) return mole::launch::run_train(train);
     if (app.got_subcommand("forward")) mole::launch::run_forward(forward);
     if (app.got_subcommand("export")) mole::launch::run_export(export_options);
+    if (app.got_subcommand("inspect")) mole::launch::run_inspect(inspect);
     if (app.got_subcommand("bench")) mole::launch::run_bench(bench);
   } catch (const mole::Error& e) {
     spdlog::error("{}", e.what());

@@ -302,5 +302,41 @@ TEST_F(CheckpointRuns, UnwritableFolderAndFullDisk) {
   EXPECT_GE(stored.manifest().step(), 3);
 }
 
+// `mole inspect` on a checkpoint.dir (its latest), a checkpoint with --verify, the adapter and a
+// safetensors file; a flipped byte makes --verify fail naming the file and tensor.
+TEST_F(CheckpointRuns, InspectShowsAndVerifies) {
+  const std::string run = dir_.file("run");
+  ASSERT_EQ(train(1, run, " --set train.steps=4 --set checkpoint.every=2"), 0) << log_of(run);
+  const std::string mole = MOLE_BINARY;
+  const test::CommandResult latest_ckpt = test::run_command(mole + " inspect " + run + "/ckpt");
+  ASSERT_EQ(latest_ckpt.exit_code, 0) << latest_ckpt.output;
+  EXPECT_NE(latest_ckpt.output.find("training checkpoint (format 1) at step 2"), std::string::npos) << latest_ckpt.output;
+  EXPECT_NE(latest_ckpt.output.find("layout: 1 rank(s), ep 1, zero 0"), std::string::npos) << latest_ckpt.output;
+  const size_t experts = latest_ckpt.output.find("model.layers.0.mlp.gate_proj.experts.lora_A ");
+  ASSERT_NE(experts, std::string::npos) << latest_ckpt.output;
+  const std::string line = latest_ckpt.output.substr(experts, latest_ckpt.output.find('\n', experts) - experts);
+  EXPECT_NE(line.find("F32   [4, 16, 128]"), std::string::npos) << line;
+  const std::string folder = run + "/ckpt/step-000002";
+  const test::CommandResult verified = test::run_command(mole + " inspect --verify " + folder);
+  ASSERT_EQ(verified.exit_code, 0) << verified.output;
+  EXPECT_NE(verified.output.find("every CRC-32C matches"), std::string::npos) << verified.output;
+  const test::CommandResult adapter = test::run_command(mole + " inspect --verify " + run + "/adapter");
+  ASSERT_EQ(adapter.exit_code, 0) << adapter.output;
+  EXPECT_NE(adapter.output.find("adapter_config.json"), std::string::npos) << adapter.output;
+  EXPECT_NE(adapter.output.find("all values finite"), std::string::npos) << adapter.output;
+
+  const std::string shard = folder + "/" + ckpt::rank_file_name(0);
+  std::string bytes = test::read_bytes(shard);
+  bytes[bytes.size() - 1] ^= 0x40;
+  test::write_bytes(shard, bytes);
+  const test::CommandResult damaged = test::run_command(mole + " inspect --verify " + folder);
+  EXPECT_EQ(damaged.exit_code, 1) << damaged.output;
+  EXPECT_NE(damaged.output.find("checksum mismatch in checkpoint file '" + shard + "', tensor '"), std::string::npos)
+      << damaged.output;
+  const test::CommandResult nothing = test::run_command(mole + " inspect " + dir_.path());
+  EXPECT_EQ(nothing.exit_code, 1);
+  EXPECT_NE(nothing.output.find("is neither a safetensors file"), std::string::npos) << nothing.output;
+}
+
 }  // namespace
 }  // namespace mole
