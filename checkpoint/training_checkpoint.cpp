@@ -15,6 +15,7 @@
 #include "checkpoint/crc32c.h"
 #include "checkpoint/safetensors.h"
 #include "kernels/check.h"
+#include <spdlog/spdlog.h>
 
 namespace mole::ckpt {
 namespace {
@@ -125,36 +126,70 @@ pb::Manifest read_manifest(const std::string& folder) {
 void commit_checkpoint(const std::string& dir, const std::string& name, int64_t keep) {
   const fs::path root(dir);
   const fs::path tmp = root / (name + ".tmp"), final_path = root / name;
+  const int64_t this_step = step_of(name);
   sync_folder(tmp.string());
   std::error_code ec;
   fs::path replaced;
   if (fs::exists(final_path)) {
     // A save of the same step from an earlier attempt (a run resumed from an older checkpoint).
+    // Until the new folder is in place, `latest` may still name it: find_checkpoint falls back
+    // to the `.replaced` copy.
     replaced = root / (name + ".replaced");
     fs::remove_all(replaced, ec);
     fs::rename(final_path, replaced, ec);
     MOLE_CHECK(!ec, "cannot move the older '", final_path.string(), "' aside: ", ec.message());
   }
   fs::rename(tmp, final_path, ec);
-  MOLE_CHECK(!ec, "cannot rename '", tmp.string(), "' to '", final_path.string(), "': ", ec.message());
+  if (ec) {
+    const std::string reason = ec.message();
+    if (!replaced.empty()) fs::rename(replaced, final_path, ec);
+    MOLE_FAIL("cannot rename '", tmp.string(), "' to '", final_path.string(), "': ", reason);
+  }
   sync_folder(dir);
-  write_file_atomic((root / "latest").string(), name + "\n");
+  // Committed. What follows only tidies up: its failures are warnings, never errors (the run
+  // goes on; a stale `latest` still names a loadable checkpoint).
+  try {
+    write_file_atomic((root / "latest").string(), name + "\n");
+  } catch (const std::exception& e) {
+    spdlog::warn("checkpoint {} is committed but 'latest' still names the one before: {}", final_path.string(), e.what());
+    return;
+  }
   if (!replaced.empty()) fs::remove_all(replaced, ec);
-  // Older checkpoints beyond `keep`, and what interrupted saves left.
+  // Checkpoints beyond `keep` (and every later-numbered one: it belongs to a run that was
+  // continued from an earlier checkpoint, which this one supersedes), and what interrupted saves
+  // and prunes left. A folder is renamed before it is removed, so a crash never leaves a half
+  // removed folder that looks committed.
   std::vector<std::pair<int64_t, fs::path>> committed;
-  for (const fs::directory_entry& entry : fs::directory_iterator(root, ec)) {
-    const std::string n = entry.path().filename().string();
-    if (!entry.is_directory()) continue;
-    if (n.size() > 4 && n.rfind("step-", 0) == 0 && n.substr(n.size() - 4) == ".tmp") {
-      fs::remove_all(entry.path(), ec);
+  std::vector<fs::path> remove;
+  for (fs::directory_iterator it(root, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string n = it->path().filename().string();
+    if (!it->is_directory(ec)) continue;
+    const auto ends_with = [&](const std::string& suffix) {
+      return n.size() > suffix.size() && n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0;
+    };
+    if (n.rfind("step-", 0) == 0 && (ends_with(".tmp") || ends_with(".deleting") || ends_with(".replaced"))) {
+      remove.push_back(it->path());
       continue;
     }
     const int64_t step = step_of(n);
-    if (step >= 0 && n != name && fs::exists(entry.path() / "manifest.pb")) committed.emplace_back(step, entry.path());
+    if (step < 0 || n == name || !fs::exists(it->path() / "manifest.pb", ec)) continue;
+    if (step > this_step) remove.push_back(it->path());
+    else committed.emplace_back(step, it->path());
   }
   std::sort(committed.begin(), committed.end());
-  const int64_t remove = static_cast<int64_t>(committed.size()) - (keep - 1);
-  for (int64_t i = 0; i < remove; ++i) fs::remove_all(committed[static_cast<size_t>(i)].second, ec);
+  const int64_t surplus = static_cast<int64_t>(committed.size()) - (keep - 1);
+  for (int64_t i = 0; i < surplus; ++i) remove.push_back(committed[static_cast<size_t>(i)].second);
+  for (const fs::path& p : remove) {
+    fs::path doomed = p;
+    const std::string n = p.filename().string();
+    if (n.find(".deleting") == std::string::npos) {
+      doomed = root / (n + ".deleting");
+      fs::rename(p, doomed, ec);
+      if (ec) doomed = p;
+    }
+    fs::remove_all(doomed, ec);
+    if (ec) spdlog::warn("cannot remove the old checkpoint folder '{}': {}", doomed.string(), ec.message());
+  }
   sync_folder(dir);
 }
 
@@ -169,7 +204,10 @@ std::string find_checkpoint(const std::string& dir, const std::string& resume) {
   if (!fs::exists(latest)) return "";
   std::string name = read_whole(latest.string());
   while (!name.empty() && (name.back() == '\n' || name.back() == '\r' || name.back() == ' ')) name.pop_back();
-  const fs::path folder = fs::path(dir) / name;
+  fs::path folder = fs::path(dir) / name;
+  // A commit that replaced this step's folder and was interrupted between its two renames.
+  const fs::path replaced = fs::path(dir) / (name + ".replaced");
+  if (!fs::exists(folder / "manifest.pb") && fs::exists(replaced / "manifest.pb")) folder = replaced;
   MOLE_CHECK(step_of(name) >= 0 && fs::exists(folder / "manifest.pb"), "'", latest.string(),
              "' names '", name, "', which is not a committed checkpoint there (no manifest.pb); "
              "set checkpoint.resume to a checkpoint folder, or to never to start afresh");
@@ -224,8 +262,10 @@ at::Tensor StoredCheckpoint::read(const std::string& tensor, const std::string& 
   for (const pb::Piece* p : it->second) {
     const int64_t lo = std::max(begin, p->begin()), hi = std::min(begin + count, p->begin() + p->numel());
     if (lo >= hi) continue;
-    MOLE_CHECK(lo == covered, "checkpoint '", folder_, "' lacks elements [", covered, ", ", lo,
+    MOLE_CHECK(lo <= covered, "checkpoint '", folder_, "' lacks elements [", covered, ", ", lo,
                ") of ", kind, " of '", tensor, "'");
+    MOLE_CHECK(lo == covered, "checkpoint '", folder_, "' has overlapping pieces of ", kind, " of '", tensor,
+               "' at element ", lo);
     const at::Tensor values = piece_values(*p);
     if (!out.defined()) out = at::empty({count}, values.options());
     out.narrow(0, lo - begin, hi - lo).copy_(values.narrow(0, lo - p->begin(), hi - lo));
@@ -238,6 +278,25 @@ at::Tensor StoredCheckpoint::read(const std::string& tensor, const std::string& 
 }
 
 uint64_t StoredCheckpoint::verify_all() const {
+  // Every element of every tensor's parameters and moments is stored exactly once.
+  for (const pb::TensorSpec& t : manifest_.tensors()) {
+    int64_t numel = 1;
+    for (int64_t d : t.shape()) numel *= d;
+    for (const char* kind : {"param", "exp_avg", "exp_avg_sq"}) {
+      const auto it = pieces_.find({t.name(), kind});
+      int64_t covered = 0;
+      if (it != pieces_.end()) {
+        for (const pb::Piece* p : it->second) {
+          MOLE_CHECK(p->begin() == covered, "checkpoint '", folder_, "': ", kind, " of '", t.name(), "' has ",
+                     p->begin() < covered ? "overlapping pieces at element " : "no piece for elements from ",
+                     p->begin() < covered ? p->begin() : covered);
+          covered += p->numel();
+        }
+      }
+      MOLE_CHECK(covered == numel, "checkpoint '", folder_, "': ", kind, " of '", t.name(), "' covers ", covered,
+                 " of its ", numel, " elements");
+    }
+  }
   uint64_t bytes = 0;
   for (const pb::Piece& p : manifest_.pieces()) {
     verified_[&p] = false;

@@ -315,6 +315,11 @@ StepCounters resume_from_checkpoint(RunParts& run, const std::string& folder) {
              "); this run trains on '", c.model.base, "'");
   MOLE_CHECK(m.method() == c.adapter.method, "checkpoint '", folder, "' was made with adapter.method ",
              m.method(), "; this run uses ", c.adapter.method);
+  if (run.rank() == 0 && (m.seed() != c.train.seed || m.global_batch() != c.train.global_batch)) {
+    spdlog::warn("checkpoint '{}' was made with train.seed {} and train.global_batch {}; this run has {} and {}: "
+                 "the data order from here on differs from the saving run's", folder, m.seed(), m.global_batch(),
+                 c.train.seed, c.train.global_batch);
+  }
   // The same trainable tensors with the same whole shapes.
   std::map<std::string, std::vector<int64_t>> saved;
   for (const ckpt::pb::TensorSpec& t : m.tensors()) saved[t.name()] = {t.shape().begin(), t.shape().end()};
@@ -347,8 +352,12 @@ StepCounters resume_from_checkpoint(RunParts& run, const std::string& folder) {
       const std::string& bytes = r.forward_rng();
       at::Tensor state = at::empty({static_cast<int64_t>(bytes.size())}, at::kByte);
       std::memcpy(state.data_ptr(), bytes.data(), bytes.size());
-      run.forward_gen.set_state(state);
-      restored = true;
+      try {
+        run.forward_gen.set_state(state);
+        restored = true;
+      } catch (const std::exception&) {
+        // Saved on another kind of device (a CUDA generator's state on a CPU run): re-seeded below.
+      }
     }
   }
   if (!restored) {

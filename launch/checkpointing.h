@@ -63,8 +63,9 @@ SavedCheckpoint write_checkpoint(const parallel::ProcessGrid* grid,
 uint64_t read_trainable_state(const ckpt::StoredCheckpoint& stored, const parallel::ParameterRegistry& registry,
                               parallel::Optimizer& optimizer);
 
-// A digest of the base model: its config-derived tensor names, shapes and dtypes (and, for a
-// synthetic base, the seed its weights come from).
+// A digest of the base model: its model type and frozen tensor names and shapes (dtypes are left
+// out: a run may continue in another precision), and for a synthetic base the seed its weights
+// come from. Two checkpoints of one architecture (a base and its instruct variant) share it.
 uint64_t base_fingerprint(const RunParts& run);
 
 }  // namespace mole::launch

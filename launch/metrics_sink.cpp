@@ -39,7 +39,7 @@ std::vector<std::string> run_entries(const std::string& dir) {
   for (const fs::directory_entry& entry : fs::directory_iterator(dir, ec)) {
     const std::string name = entry.path().filename().string();
     const bool run_file = name == "config.yaml" || name == "metrics.jsonl" ||
-                          name == "summary.json" || name == "adapter" || name == "base" ||
+                          name == "summary.json" || name == "adapter" || name == "base" || name == "ckpt" ||
                           name.rfind("events.out.tfevents.", 0) == 0;
     if (run_file) found.push_back(name);
   }
@@ -57,8 +57,8 @@ void claim_run_folder(const Config& config, bool lead) {
   for (const std::string& name : found) list += (list.empty() ? "" : ", ") + name;
   MOLE_CHECK(config.log.overwrite, "log.dir '", dir, "' holds another run (", list,
              "); start fresh in another folder (--set log.dir=", dir,
-             "-2) or replace that run with --set log.overwrite=true (resuming a run comes with "
-             "training checkpoints)");
+             "-2), replace that run with --set log.overwrite=true, or continue it from a checkpoint "
+             "(checkpoint.resume: auto finds <checkpoint.dir>/latest)");
   if (!lead) return;
   spdlog::warn("log.overwrite: replacing the run in '{}' ({})", dir, list);
   for (const std::string& name : found) {
@@ -84,8 +84,9 @@ MetricsSink::MetricsSink(const Config& config, bool lead, bool show_progress, bo
       std::string line, kept;
       while (std::getline(in, line)) {
         const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-        if (j.is_object() && j.contains("step") && j["step"].is_number() &&
-            j["step"].get<int64_t>() > resumed_step) {
+        // Also drops a line the stopped run left cut.
+        if (!j.is_object() || (j.contains("step") && j["step"].is_number() &&
+                               j["step"].get<int64_t>() > resumed_step)) {
           continue;
         }
         kept += line + "\n";

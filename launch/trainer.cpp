@@ -80,14 +80,17 @@ TrainSummary Trainer::run() {
     if (c.train.eval_every > 0 && done % c.train.eval_every == 0 && done != c.train.steps) {
       evaluate_and_log(sink, done);
     }
-    if (stop_requested()) {
+    // A signal during the last step: the run finishes normally (its adapter is the result).
+    if (done < c.train.steps && stop_requested()) {
       // Preemption: checkpoint this step and end (the run continues from it when started again).
       TrainSummary summary = sink.summary();
       summary.stopped = true;
       summary.checkpoint = save_checkpoint(parts_, counters_);
       if (rank() == 0) {
-        spdlog::warn("stopped by a signal after step {}: checkpoint {} saved; run the same command "
-                     "to continue", done, summary.checkpoint);
+        spdlog::warn("stopped by a signal after step {}: checkpoint {} saved; run the same command{} "
+                     "to continue", done, summary.checkpoint,
+                     c.checkpoint.resume == "auto" || c.checkpoint.resume == "never"
+                         ? "" : " with --set checkpoint.resume=auto");
       }
       return summary;
     }
@@ -105,7 +108,8 @@ TrainSummary Trainer::run() {
     summary.zero_groups.push_back(
         {l.group, l.bucket, l.numel, l.slice > 0 ? l.padded / l.slice : 0, l.slice});
   }
-  MOLE_CHECK(summary.skipped_steps < summary.steps, "every one of the ", summary.steps,
+  // (A run resumed from a checkpoint of its last step has no step of its own to check.)
+  MOLE_CHECK(summary.steps == 0 || summary.skipped_steps < summary.steps, "every one of the ", summary.steps,
              " steps had a non-finite loss or gradient and was skipped: nothing was trained and no "
              "adapter was written; ", non_finite_hint(*parts_.model));
   try {

@@ -325,6 +325,11 @@ TEST_F(CheckpointRuns, InspectShowsAndVerifies) {
   EXPECT_NE(adapter.output.find("adapter_config.json"), std::string::npos) << adapter.output;
   EXPECT_NE(adapter.output.find("all values finite"), std::string::npos) << adapter.output;
 
+  // Continued from its own last step: nothing left to train, the adapter is written.
+  const std::string at_end = dir_.file("at-end");
+  ASSERT_EQ(train(1, at_end, " --set train.steps=2 --set checkpoint.resume=" + folder), 0) << log_of(at_end);
+  EXPECT_TRUE(fs::exists(at_end + "/adapter/adapter_model.safetensors")) << log_of(at_end);
+
   const std::string shard = folder + "/" + ckpt::rank_file_name(0);
   std::string bytes = test::read_bytes(shard);
   bytes[bytes.size() - 1] ^= 0x40;

@@ -328,7 +328,7 @@ TEST(RunSafety, WrongInvocationsSayWhatIsWrong) {
   test::TempDir dir;
   const test::CommandResult unknown = run_mole("plan run.yaml");
   EXPECT_EQ(unknown.exit_code, 1);
-  EXPECT_NE(unknown.output.find("unknown subcommand 'plan' (known: train, forward, export, bench)"),
+  EXPECT_NE(unknown.output.find("unknown subcommand 'plan' (known: train, forward, export, inspect, bench)"),
             std::string::npos)
       << unknown.output;
 
