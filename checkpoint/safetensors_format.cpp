@@ -58,14 +58,6 @@ std::string quoted(const std::string& name) {
   return "'" + (name.size() > 200 ? name.substr(0, 197) + "..." : name) + "'";
 }
 
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::ostringstream out;
-  out << '[';
-  for (size_t i = 0; i < shape.size(); ++i) out << (i ? "," : "") << shape[i];
-  out << ']';
-  return out.str();
-}
-
 // A non-negative integer that fits in int64 (shape dims and offsets alike).
 uint64_t non_negative(const json& value, const std::string& where, const char* what) {
   MOLE_CHECK(value.is_number_integer(), where, ": ", what,
@@ -176,6 +168,12 @@ Dtype parse_dtype(const std::string& text, const std::string& where) {
 }
 
 const char* dtype_name(Dtype dtype) { return row(dtype).name; }
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
 size_t dtype_size(Dtype dtype) { return row(dtype).size; }
 
 int64_t TensorInfo::numel() const {

@@ -18,6 +18,8 @@ enum class Dtype { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, F8_E4M3, F8
 Dtype parse_dtype(const std::string& text, const std::string& where);
 const char* dtype_name(Dtype dtype);
 size_t dtype_size(Dtype dtype);
+// "[4, 16, 128]", for messages and listings.
+std::string shape_text(const std::vector<int64_t>& shape);
 
 struct TensorInfo {
   std::string name;

@@ -12,7 +12,7 @@
 #include <sstream>
 
 #include "checkpoint/atomic_file.h"
-#include "checkpoint/crc32c.h"
+#include "checkpoint/checksum.h"
 #include "checkpoint/safetensors.h"
 #include "kernels/check.h"
 #include <spdlog/spdlog.h>

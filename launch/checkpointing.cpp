@@ -12,9 +12,12 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <set>
 
 #include "checkpoint/atomic_file.h"
+#include "checkpoint/checksum.h"
+#include "checkpoint/safetensors_format.h"
 #include "checkpoint/training_checkpoint.h"
 #include "dist/communicator.h"
 #include "kernels/check.h"
@@ -27,22 +30,9 @@ namespace {
 
 namespace fs = std::filesystem;
 
-void fnv(uint64_t& hash, const std::string& text) {
-  for (unsigned char ch : text) {
-    hash ^= ch;
-    hash *= 1099511628211ull;
-  }
-  hash ^= 0xFF;  // separator
-  hash *= 1099511628211ull;
+const char* dtype_text(at::ScalarType t) {
+  return t == at::kDouble ? "F64" : t == at::kBFloat16 ? "BF16" : t == at::kHalf ? "F16" : "F32";
 }
-
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string out = "[";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + "]";
-}
-
-const char* dtype_text(at::ScalarType t) { return t == at::kDouble ? "F64" : "F32"; }
 
 // Every rank's `bytes` on every rank (lengths first, then the bytes packed into int64 words).
 std::vector<std::string> all_gather_bytes(dist::Communicator& comm, const std::string& bytes) {
@@ -97,6 +87,7 @@ void describe_run(const RunParts& run, const StepCounters& counters, ckpt::pb::M
   const Config& c = run.config;
   m.set_dispatch(c.parallel.dispatch);
   m.set_config_digest(config_digest(c));
+  m.set_config_yaml(to_yaml(c));
   m.set_base_fingerprint(base_fingerprint(run));
   m.set_base(c.model.base);
   m.set_method(c.adapter.method);
@@ -116,8 +107,9 @@ bool crash_requested(int64_t step) {
   return value != nullptr && std::strtoll(value, nullptr, 10) == step;
 }
 
-bool kill_requested(int rank, int64_t step) {
-  const char* value = std::getenv("MOLE_TEST_KILL_AFTER_CHECKPOINT");  // "rank:step"
+// `variable` set to "RANK:STEP" names this rank and step.
+bool kill_requested(const char* variable, int rank, int64_t step) {
+  const char* value = std::getenv(variable);
   if (value == nullptr) return false;
   char* end = nullptr;
   const long long r = std::strtoll(value, &end, 10);
@@ -150,16 +142,20 @@ void check_checkpoint_dir(const Config& config, int rank) {
   fs::remove(probe, ec);
 }
 
-uint64_t base_fingerprint(const RunParts& run) {
-  uint64_t hash = 1469598103934665603ull;
-  fnv(hash, run.model->config().model_type);
-  run.model->for_each_base_parameter([&](const std::string& name, const at::Tensor& t) {
-    fnv(hash, name);
-    fnv(hash, shape_text(t.sizes().vec()));
+uint64_t base_fingerprint(const moe::CausalLM& model, std::optional<uint64_t> synthetic_seed) {
+  uint64_t hash = ckpt::fnv1a_field(model.config().model_type, ckpt::kFnvOffset);
+  model.for_each_base_parameter([&](const std::string& name, const at::Tensor& t) {
+    hash = ckpt::fnv1a_field(name, hash);
+    hash = ckpt::fnv1a_field(st::shape_text(t.sizes().vec()), hash);
   });
   // A synthetic base is drawn from the seed: another seed is another model.
-  if (run.synthetic_base()) fnv(hash, "seed " + std::to_string(run.config.train.seed));
+  if (synthetic_seed) hash = ckpt::fnv1a_field("seed " + std::to_string(*synthetic_seed), hash);
   return hash;
+}
+
+uint64_t base_fingerprint(const RunParts& run) {
+  return base_fingerprint(*run.model, run.synthetic_base() ? std::optional<uint64_t>(run.config.train.seed)
+                                                           : std::nullopt);
 }
 
 SavedCheckpoint write_checkpoint(const parallel::ProcessGrid* grid,
@@ -186,6 +182,10 @@ SavedCheckpoint write_checkpoint(const parallel::ProcessGrid* grid,
   // Every rank's file, then every rank's pieces to rank 0 (which also tells it the files are
   // there). A rank that fails still takes part, so that nobody waits.
   ckpt::pb::RankPieces mine;
+  if (kill_requested("MOLE_TEST_KILL_DURING_SAVE", rank, step)) {
+    spdlog::warn("MOLE_TEST_KILL_DURING_SAVE: rank {} dies while saving step {}", rank, step);
+    std::raise(SIGKILL);
+  }
   try {
     mine = ckpt::write_rank_file(tmp, rank, rank_pieces(grid, registry, optimizer));
   } catch (const std::exception& e) {
@@ -264,7 +264,7 @@ SavedCheckpoint write_checkpoint(const parallel::ProcessGrid* grid,
               commit_error.empty() ? "rank 0 could not commit it" : commit_error,
               "; the previous checkpoint is intact");
   }
-  if (kill_requested(rank, step)) {
+  if (kill_requested("MOLE_TEST_KILL_AFTER_CHECKPOINT", rank, step)) {
     spdlog::warn("MOLE_TEST_KILL_AFTER_CHECKPOINT: rank {} dies after the checkpoint of step {}", rank, step);
     std::raise(SIGKILL);
   }
@@ -330,7 +330,7 @@ StepCounters resume_from_checkpoint(RunParts& run, const std::string& folder) {
     MOLE_CHECK(it != saved.end(), "checkpoint '", folder, "' has no '", s.name,
                "': it holds another adapter (", m.adapter(), ") than this run's");
     MOLE_CHECK(it->second == s.global_shape, "checkpoint '", folder, "' holds '", s.name, "' as ",
-               shape_text(it->second), " but this run's adapter has ", shape_text(s.global_shape),
+               st::shape_text(it->second), " but this run's adapter has ", st::shape_text(s.global_shape),
                " (the checkpoint's adapter: ", m.adapter(), ")");
   }
   for (const auto& [name, shape] : saved) {

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 
 #include "checkpoint/training_checkpoint.h"
@@ -34,7 +35,8 @@ void check_checkpoint_dir(const Config& config, int rank);
 // checkpoint stays as it was. Test hook: the environment variable MOLE_TEST_CRASH_BEFORE_MANIFEST
 // set to a step number kills rank 0 (SIGKILL) at that step's save, after every rank file is
 // written and before the manifest; MOLE_TEST_KILL_AFTER_CHECKPOINT=RANK:STEP kills that rank
-// right after that step's checkpoint is committed.
+// right after that step's checkpoint is committed; MOLE_TEST_KILL_DURING_SAVE=RANK:STEP kills it
+// as that step's save starts writing its rank file (the other ranks are writing theirs).
 std::string save_checkpoint(const RunParts& run, const StepCounters& counters);
 
 // Loads the checkpoint in `folder` into this rank's parts (trainable tensors, optimizer moments
@@ -67,5 +69,7 @@ uint64_t read_trainable_state(const ckpt::StoredCheckpoint& stored, const parall
 // out: a run may continue in another precision), and for a synthetic base the seed its weights
 // come from. Two checkpoints of one architecture (a base and its instruct variant) share it.
 uint64_t base_fingerprint(const RunParts& run);
+// The same for `model`, drawn from `synthetic_seed` when it is a synthetic base.
+uint64_t base_fingerprint(const moe::CausalLM& model, std::optional<uint64_t> synthetic_seed);
 
 }  // namespace mole::launch

@@ -1,5 +1,6 @@
-// `mole export RUN_OR_ADAPTER_DIR --out DIR [--format peft|moe-peft]`: writes a run's adapter
-// (or re-writes an adapter folder) in PEFT or MoE-PEFT layout, validated against its base model.
+// `mole export SOURCE --out DIR [--format peft|moe-peft]`: writes an adapter in PEFT or MoE-PEFT
+// layout from a run's final adapter, an adapter folder (validated against its base model), or a
+// training checkpoint (gathered from its rank files, no training process needed).
 #pragma once
 
 #include <string>
@@ -11,6 +12,8 @@ class App;
 namespace mole::launch {
 
 struct ExportOptions {
+  // A run folder (its adapter/, else its ckpt/'s latest checkpoint), an adapter folder, a
+  // checkpoint folder (ckpt/step-000123) or a checkpoint.dir (its latest).
   std::string source;
   std::string out;
   std::string format;  // empty: peft for lora, moe-peft otherwise

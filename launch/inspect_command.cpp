@@ -20,19 +20,13 @@ namespace fs = std::filesystem;
 
 constexpr double kMiB = 1024.0 * 1024.0;
 
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string out = "[";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + "]";
-}
-
 void inspect_safetensors(const std::string& path, bool verify) {
   st::SafetensorsFile file(path);
   uint64_t bytes = 0;
   std::printf("%s: safetensors, %zu tensors\n", path.c_str(), file.header().tensors.size());
   for (const auto& [key, value] : file.header().metadata) std::printf("  metadata %s = %s\n", key.c_str(), value.c_str());
   for (const st::TensorInfo& t : file.header().tensors) {
-    std::printf("  %-72s %-5s %s\n", t.name.c_str(), st::dtype_name(t.dtype), shape_text(t.shape).c_str());
+    std::printf("  %-72s %-5s %s\n", t.name.c_str(), st::dtype_name(t.dtype), st::shape_text(t.shape).c_str());
     bytes += t.end - t.begin;
   }
   std::printf("  %.2f MiB of data\n", bytes / kMiB);
@@ -69,7 +63,7 @@ void inspect_checkpoint(const std::string& folder, bool verify) {
   std::printf("  %d file(s), %d pieces, %.2f MiB\n", m.files_size(), m.pieces_size(), bytes / kMiB);
   for (const ckpt::pb::TensorSpec& t : m.tensors()) {
     std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
-    std::printf("  %-72s %-5s %s\n", t.name().c_str(), t.dtype().c_str(), shape_text(shape).c_str());
+    std::printf("  %-72s %-5s %s\n", t.name().c_str(), t.dtype().c_str(), st::shape_text(shape).c_str());
   }
   if (!verify) return;
   const uint64_t checked = stored.verify_all();

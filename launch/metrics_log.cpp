@@ -1,10 +1,9 @@
-// TensorBoard event files without TensorFlow: Event protobufs in TFRecord framing, with a
-// table-driven software CRC32C for the record checksums.
+// TensorBoard event files without TensorFlow: Event protobufs in TFRecord framing (masked
+// CRC-32C record checksums).
 #include "launch/metrics_log.h"
 
 #include <unistd.h>
 
-#include <array>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -14,26 +13,16 @@
 #include <vector>
 
 #include "checkpoint/atomic_file.h"
+#include "checkpoint/checksum.h"
 #include "kernels/check.h"
 #include "proto/tensorboard_event.pb.h"
 
 namespace mole::launch {
 namespace {
 
-constexpr uint32_t kCrc32cPoly = 0x82F63B78u;  // Castagnoli, bit-reflected
 constexpr uint32_t kMaskDelta = 0xa282ead8u;
 constexpr size_t kHeaderBytes = 8 + 4;  // length + masked CRC of the length
 constexpr size_t kFooterBytes = 4;      // masked CRC of the payload
-
-std::array<uint32_t, 256> make_crc_table() {
-  std::array<uint32_t, 256> table{};
-  for (uint32_t i = 0; i < 256; ++i) {
-    uint32_t crc = i;
-    for (int bit = 0; bit < 8; ++bit) crc = (crc & 1u) ? (crc >> 1) ^ kCrc32cPoly : crc >> 1;
-    table[i] = crc;
-  }
-  return table;
-}
 
 double unix_seconds_now() {
   const auto since_epoch = std::chrono::system_clock::now().time_since_epoch();
@@ -60,16 +49,8 @@ uint64_t get_le(const std::string& in, size_t offset, int bytes) {
 
 }  // namespace
 
-uint32_t crc32c(const void* data, size_t size) {
-  static const std::array<uint32_t, 256> table = make_crc_table();
-  const auto* p = static_cast<const unsigned char*>(data);
-  uint32_t crc = 0xFFFFFFFFu;
-  for (size_t i = 0; i < size; ++i) crc = table[(crc ^ p[i]) & 0xffu] ^ (crc >> 8);
-  return crc ^ 0xFFFFFFFFu;
-}
-
 uint32_t masked_crc32c(const void* data, size_t size) {
-  const uint32_t crc = crc32c(data, size);
+  const uint32_t crc = ckpt::crc32c(data, size);
   return ((crc >> 15) | (crc << 17)) + kMaskDelta;
 }
 
@@ -115,6 +96,16 @@ void TensorBoardWriter::add_scalar(const std::string& tag, int64_t step, double 
   write_record(payload);
 }
 
+void TensorBoardWriter::add_restart(int64_t step) {
+  tb::Event event;
+  event.set_wall_time(unix_seconds_now());
+  event.set_step(step);
+  event.mutable_session_log()->set_status(tb::SessionLog::START);
+  std::string payload;
+  MOLE_CHECK(event.SerializeToString(&payload), "cannot serialize the restart event for ", path_);
+  write_record(payload);
+}
+
 void TensorBoardWriter::flush() {
   if (pending_.empty()) return;
   std::string records;
@@ -133,13 +124,13 @@ void TensorBoardWriter::write_record(const std::string& payload) {
   pending_ += record;
 }
 
-std::vector<ScalarEvent> read_tensorboard_scalars(const std::string& path) {
+TensorBoardEvents read_tensorboard_events(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   MOLE_CHECK(in.is_open(), "cannot open TensorBoard event file ", path);
   const std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
   MOLE_CHECK(!in.bad(), "cannot read TensorBoard event file ", path);
 
-  std::vector<ScalarEvent> scalars;
+  TensorBoardEvents events;
   size_t offset = 0;
   while (offset < bytes.size()) {
     const size_t left = bytes.size() - offset;
@@ -166,12 +157,19 @@ std::vector<ScalarEvent> read_tensorboard_scalars(const std::string& path) {
                path, ": record at byte offset ", offset, " is not a valid Event protobuf");
     if (event.what_case() == tb::Event::kSummary) {
       for (const tb::SummaryValue& v : event.summary().value()) {
-        scalars.push_back({v.tag(), event.step(), static_cast<double>(v.simple_value())});
+        events.scalars.push_back({v.tag(), event.step(), static_cast<double>(v.simple_value())});
       }
+    } else if (event.what_case() == tb::Event::kSessionLog &&
+               event.session_log().status() == tb::SessionLog::START) {
+      events.restarts.push_back(event.step());
     }
     offset = payload_at + payload_size + kFooterBytes;
   }
-  return scalars;
+  return events;
+}
+
+std::vector<ScalarEvent> read_tensorboard_scalars(const std::string& path) {
+  return read_tensorboard_events(path).scalars;
 }
 
 }  // namespace mole::launch

@@ -28,6 +28,10 @@ class TensorBoardWriter {
   TensorBoardWriter& operator=(const TensorBoardWriter&) = delete;
 
   void add_scalar(const std::string& tag, int64_t step, double value);
+  // A SessionLog START event at `step`: the run continues from a checkpoint here, and TensorBoard
+  // drops the events of steps >= `step` that earlier files hold (what the stopped run logged
+  // after its checkpoint), so no step is shown twice.
+  void add_restart(int64_t step);
   void flush();
   const std::string& path() const { return path_; }
 
@@ -47,9 +51,14 @@ struct ScalarEvent {
 // Reads every scalar event of a file, verifying both CRCs of every record; throws mole::Error
 // naming the file and the record offset on corruption.
 std::vector<ScalarEvent> read_tensorboard_scalars(const std::string& path);
+// The same, with the steps of restart events (TensorBoardWriter::add_restart).
+struct TensorBoardEvents {
+  std::vector<ScalarEvent> scalars;
+  std::vector<int64_t> restarts;
+};
+TensorBoardEvents read_tensorboard_events(const std::string& path);
 
-// CRC32C (Castagnoli) and TFRecord's masking of it.
-uint32_t crc32c(const void* data, size_t size);
+// TFRecord's masking of a CRC-32C.
 uint32_t masked_crc32c(const void* data, size_t size);
 
 }  // namespace mole::launch

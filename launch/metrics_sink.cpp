@@ -94,7 +94,11 @@ MetricsSink::MetricsSink(const Config& config, bool lead, bool show_progress, bo
       ckpt::write_file_atomic(log, kept);
     }
     metrics_ = std::make_unique<ckpt::AppendLog>(config.log.dir + "/metrics.jsonl");
-    if (config.log.tensorboard) tb_ = std::make_unique<TensorBoardWriter>(config.log.dir);
+    if (config.log.tensorboard) {
+      tb_ = std::make_unique<TensorBoardWriter>(config.log.dir);
+      // The stopped run's events of later steps (in its own event file) are made again now.
+      if (resumed_step >= 0) tb_->add_restart(resumed_step + 1);
+    }
   }
   start_ = window_start_ = Clock::now();
 }

@@ -70,7 +70,8 @@ class MetricsSink {
   // `show_progress`: a progress bar on the console (one process on a terminal).
   // `device`: the model's; on CUDA the log lines carry its allocator peak.
   // `resumed_step` >= 0: the run continues from a checkpoint of that step, and metrics.jsonl keeps
-  // only its lines up to that step (a killed run may have logged beyond its last checkpoint).
+  // only its lines up to that step (a killed run may have logged beyond its last checkpoint); the
+  // new TensorBoard event file starts with a restart event for the same reason.
   MetricsSink(const Config& config, bool lead, bool show_progress, bool moe_method,
               const at::Device& device, int64_t resumed_step = -1);
   ~MetricsSink();

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <memory>
 
+#include "checkpoint/checksum.h"
 #include "dist/backend.h"
 #include "dist/communicator.h"
 #include "dist/runtime.h"
@@ -26,14 +27,7 @@ void add_train_command(CLI::App& app, TrainOptions& options) {
   cmd->add_option("--set", options.overrides, "override a config key: --set train.steps=50 (repeatable)");
 }
 
-uint64_t config_digest(const Config& config) {
-  uint64_t hash = 1469598103934665603ull;  // FNV-1a, 64 bit
-  for (unsigned char ch : to_yaml(config)) {
-    hash ^= ch;
-    hash *= 1099511628211ull;
-  }
-  return hash;
-}
+uint64_t config_digest(const Config& config) { return ckpt::fnv1a(to_yaml(config)); }
 
 namespace {
 

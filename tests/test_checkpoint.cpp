@@ -10,17 +10,23 @@
 #include <nlohmann/json.hpp>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
-#include "checkpoint/crc32c.h"
+#include "checkpoint/checksum.h"
 #include "checkpoint/training_checkpoint.h"
+#include "checkpoint/safetensors.h"
 #include "kernels/check.h"
+#include "launch/metrics_log.h"
+#include "tests/expect_error.h"
 #include "tests/test_util.h"
 #include "tests/train_run_util.h"
 
@@ -29,11 +35,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-#define EXPECT_ERROR_CONTAINS(statement, text)                                          \
-  do {                                                                                  \
-    const std::string error_ = test::error_of([&] { statement; });                       \
-    EXPECT_NE(error_.find(text), std::string::npos) << "error: '" << error_ << "'";     \
-  } while (0)
 
 TEST(CheckpointFormat, Crc32cKnownValues) {
   // The check value of CRC-32C (RFC 3720 B.4), and 32 zero bytes (iSCSI test vector).
@@ -128,6 +129,32 @@ void expect_steps_of(const std::string& ref_dir, const std::string& got_dir, int
   }
 }
 
+// Every tensor of the safetensors file `got` equal, bit for bit, to the same tensor of `ref`.
+void expect_same_tensors(const std::string& ref, const std::string& got) {
+  st::SafetensorsFile a(ref), b(got);
+  ASSERT_EQ(b.names(), a.names()) << got;
+  for (const std::string& name : a.names()) {
+    const at::Tensor x = a.tensor(name), y = b.tensor(name);
+    EXPECT_TRUE(x.scalar_type() == y.scalar_type() && x.sizes() == y.sizes() && at::equal(x, y))
+        << name << " of " << got;
+  }
+}
+
+// `mole export` of checkpoint `source` into `out` gave the adapter a run wrote at the same step
+// (`run`/adapter): the same tensors bit for bit, the same adapter_config.json but for
+// base_model_name_or_path, which names the synthetic base the export wrote to `out`/base (the
+// same weights as the run's base/).
+void expect_exported_adapter(const std::string& run, const std::string& out) {
+  expect_same_tensors(run + "/adapter/adapter_model.safetensors", out + "/adapter_model.safetensors");
+  nlohmann::json a = nlohmann::json::parse(test::read_bytes(run + "/adapter/adapter_config.json"));
+  nlohmann::json b = nlohmann::json::parse(test::read_bytes(out + "/adapter_config.json"));
+  EXPECT_EQ(b.at("base_model_name_or_path"), out + "/base");
+  a.erase("base_model_name_or_path");
+  b.erase("base_model_name_or_path");
+  EXPECT_EQ(b, a);
+  expect_same_tensors(run + "/base/model.safetensors", out + "/base/model.safetensors");
+}
+
 const std::string kLayout4 = " --set parallel.ep=2 --set parallel.zero=2 --set parallel.dispatch=tokens";
 
 // Rank 1 dies (SIGKILL) right after the step-6 checkpoint is committed; the same command then
@@ -140,11 +167,27 @@ TEST_F(CheckpointRuns, KilledRankResumesBitIdentical) {
   EXPECT_NE(train(4, run, ckpt, "MOLE_TEST_KILL_AFTER_CHECKPOINT=1:6"), 0) << log_of(run);
   EXPECT_EQ(latest(run), "step-000006");
   EXPECT_FALSE(fs::exists(run + "/adapter")) << "the killed run did not finish";
+  // The stopped run's adapter, straight from its latest checkpoint (the run folder has no adapter/).
+  const test::CommandResult exported =
+      test::run_command(std::string(MOLE_BINARY) + " export " + run + " --out " + dir_.file("at-6"));
+  ASSERT_EQ(exported.exit_code, 0) << exported.output;
+  EXPECT_NE(exported.output.find("exported the adapter of " + run + "/ckpt/step-000006 (step 6"), std::string::npos)
+      << exported.output;
   ASSERT_EQ(train(4, run, ckpt), 0) << log_of(run);
   EXPECT_NE(log_of(run).find("resumed from " + run + "/ckpt/step-000006 at step 6"), std::string::npos)
       << log_of(run);
   expect_steps_of(ref, run, 1, 12, 0.0);
   EXPECT_EQ(test::worst_weight_error(ref, run), 0.0);
+  // TensorBoard: the continued run's event file starts over at step 7 (a restart event, so that
+  // steps the killed run logged after its checkpoint are not shown twice); the first has none.
+  std::vector<std::vector<int64_t>> restarts;
+  for (const auto& e : fs::directory_iterator(run)) {
+    if (e.path().filename().string().rfind("events.out.tfevents.", 0) == 0) {
+      restarts.push_back(launch::read_tensorboard_events(e.path().string()).restarts);
+    }
+  }
+  std::sort(restarts.begin(), restarts.end());
+  EXPECT_EQ(restarts, (std::vector<std::vector<int64_t>>{{}, {7}}));
 }
 
 // Saved by 4 ranks (DP 2 x EP 2, ZeRO 2, token dispatch), continued by 2 ranks (EP 2, ZeRO 1,
@@ -169,6 +212,22 @@ TEST_F(CheckpointRuns, ResumesAtOtherLayoutsAndRefusesBadCheckpoints) {
     EXPECT_LT(worst, 1e-12) << got;
   }
 
+  // `mole export` gathers the 4 ranks' shards into the adapter that a run resumed from the same
+  // checkpoint at its last step writes (one process, nothing left to train).
+  const std::string at6 = dir_.file("at-6"), exported = dir_.file("exported");
+  ASSERT_EQ(train(1, at6, from + fp64 + " --set train.steps=6"), 0) << log_of(at6);
+  const test::CommandResult exp = test::run_command(std::string(MOLE_BINARY) + " export " + saved + " --out " + exported);
+  ASSERT_EQ(exp.exit_code, 0) << exp.output;
+  expect_exported_adapter(at6, exported);
+  const test::CommandResult again = test::run_command(std::string(MOLE_BINARY) + " export " + saved + " --out " + exported);
+  EXPECT_NE(again.exit_code, 0);
+  EXPECT_NE(again.output.find("already holds an adapter"), std::string::npos) << again.output;
+  const test::CommandResult wrong = test::run_command(std::string(MOLE_BINARY) + " export " + saved +
+                                                      " --format peft --out " + dir_.file("wrong"));
+  EXPECT_NE(wrong.exit_code, 0);
+  EXPECT_NE(wrong.output.find("--format peft cannot hold a mixlora adapter"), std::string::npos) << wrong.output;
+  EXPECT_FALSE(fs::exists(dir_.file("wrong")));
+
   // Bad checkpoints: each refused before training, naming the problem; the run folder gets no
   // metrics and the checkpoint is not changed.
   const auto refused = [&](const std::string& name, const std::string& folder, const std::string& extra,
@@ -190,6 +249,25 @@ TEST_F(CheckpointRuns, ResumesAtOtherLayoutsAndRefusesBadCheckpoints) {
   test::write_bytes(shard, bytes);
   refused("bad-flipped", flipped, "", "checksum mismatch in checkpoint file '" + shard + "', tensor '");
   EXPECT_EQ(test::read_bytes(shard), bytes) << "the damaged checkpoint was changed";
+  // Export reads only the parameters: a flipped byte in a parameter piece of rank 1's file.
+  const std::string flipped_param = copy("flipped-param");
+  const std::string param_shard = flipped_param + "/" + ckpt::rank_file_name(1);
+  std::string param_bytes = test::read_bytes(param_shard);
+  const ckpt::pb::Manifest flipped_manifest = ckpt::read_manifest(flipped_param);
+  for (const ckpt::pb::Piece& p : flipped_manifest.pieces()) {
+    if (p.file() == ckpt::rank_file_name(1) && p.kind() == "param") {
+      param_bytes[p.data_offset() + p.nbytes() / 2] ^= 0x10;
+      break;
+    }
+  }
+  test::write_bytes(param_shard, param_bytes);
+  const test::CommandResult damaged =
+      test::run_command(std::string(MOLE_BINARY) + " export " + flipped_param + " --out " + dir_.file("from-flipped"));
+  EXPECT_NE(damaged.exit_code, 0);
+  EXPECT_NE(damaged.output.find("checksum mismatch in checkpoint file '" + param_shard + "', tensor '"),
+            std::string::npos)
+      << damaged.output;
+  EXPECT_FALSE(fs::exists(dir_.file("from-flipped") + "/adapter_config.json"));
 
   const std::string missing = copy("missing");
   fs::remove(missing + "/" + ckpt::rank_file_name(2));
@@ -209,8 +287,9 @@ TEST_F(CheckpointRuns, ResumesAtOtherLayoutsAndRefusesBadCheckpoints) {
 
 // Rank 0 dies after every rank file of the step-6 save is written and before the manifest: the
 // step-3 checkpoint stays `latest`, the half-written folder is never loaded, and the same command
-// continues from step 3, bit-identical to the uninterrupted run (the leftover folder is removed
-// by the next commit).
+// continues from step 3. Then rank 1 dies as the step-9 save starts: step 6 stays `latest`. The
+// same command continues from step 6, bit-identical to the uninterrupted run (leftover folders
+// are removed by the next commit).
 TEST_F(CheckpointRuns, CrashBeforeManifestKeepsThePreviousCheckpoint) {
   const std::string ref = dir_.file("ref"), run = dir_.file("run");
   const std::string layout = " --set parallel.ep=2 --set parallel.dispatch=weights";
@@ -220,8 +299,19 @@ TEST_F(CheckpointRuns, CrashBeforeManifestKeepsThePreviousCheckpoint) {
   EXPECT_EQ(latest(run), "step-000003");
   EXPECT_TRUE(fs::exists(run + "/ckpt/step-000006.tmp/" + ckpt::rank_file_name(1)));
   EXPECT_FALSE(fs::exists(run + "/ckpt/step-000006.tmp/manifest.pb"));
-  ASSERT_EQ(train(2, run, ckpt), 0) << log_of(run);
+  // Continued from step 3; now rank 1 dies as the step-9 save begins (rank 0 is writing its
+  // file): the job ends (no rank waits for the dead one), step 6 stays `latest`.
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_NE(train(2, run, ckpt, "MOLE_TEST_KILL_DURING_SAVE=1:9"), 0) << log_of(run);
+  RecordProperty("dead_rank_job_end_seconds",
+                 test::sci(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()));
   EXPECT_NE(log_of(run).find("at step 3"), std::string::npos) << log_of(run);
+  EXPECT_EQ(latest(run), "step-000006");
+  EXPECT_FALSE(fs::exists(run + "/ckpt/step-000009"));
+  EXPECT_FALSE(fs::exists(run + "/ckpt/step-000009.tmp/manifest.pb"));
+  EXPECT_GT(ckpt::StoredCheckpoint(run + "/ckpt/step-000006").verify_all(), 0u);
+  ASSERT_EQ(train(2, run, ckpt), 0) << log_of(run);
+  EXPECT_NE(log_of(run).find("at step 6"), std::string::npos) << log_of(run);
   expect_steps_of(ref, run, 1, 12, 0.0);
   EXPECT_EQ(test::worst_weight_error(ref, run), 0.0);
   // keep = 2: the newest two of steps 3, 6, 9; no interrupted save left.
@@ -231,27 +321,32 @@ TEST_F(CheckpointRuns, CrashBeforeManifestKeepsThePreviousCheckpoint) {
   EXPECT_EQ(left, (std::vector<std::string>{"latest", "step-000006", "step-000009"}));
 }
 
-// SIGUSR1 to mpirun (which forwards it to every rank, as a scheduler's signal reaches every
-// task): the ranks finish the step they are in, save a checkpoint of it and exit with 75; the
-// same command then continues from it.
-TEST_F(CheckpointRuns, SignalSavesACheckpointAndExits) {
-  const std::string run = dir_.file("run");
+// Starts `mole train` of the demo on 2 ranks for (practically) ever, waits for 3 logged steps,
+// calls `stop` with mpirun's pid and returns the job's exit status (-1: it did not exit normally).
+int run_until_stopped(const std::string& run, const std::function<void(pid_t)>& stop) {
   const std::string cmd = "OMP_NUM_THREADS=1 exec " + test::mpirun(2) + test::demo_train_args(run, 4) +
                           " --set train.steps=100000 > " + run + ".log 2>&1";
   const pid_t pid = fork();
-  ASSERT_GE(pid, 0);
+  if (pid < 0) return -1;
   if (pid == 0) {
     execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
     _exit(127);
   }
   // Wait for a few steps, then signal.
   for (int i = 0; i < 600 && test::metrics_lines(run) < 3; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  ASSERT_GE(test::metrics_lines(run), 3) << log_of(run);
-  kill(pid, SIGUSR1);
+  EXPECT_GE(test::metrics_lines(run), 3u) << test::read_bytes(run + ".log");
+  stop(pid);
   int status = 0;
-  ASSERT_EQ(waitpid(pid, &status, 0), pid);
-  ASSERT_TRUE(WIFEXITED(status)) << log_of(run);
-  EXPECT_EQ(WEXITSTATUS(status), 75) << log_of(run);
+  if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return -1;
+  return WEXITSTATUS(status);
+}
+
+// SIGUSR1 to mpirun (which forwards it to every rank, as a scheduler's signal reaches every
+// task): the ranks finish the step they are in, save a checkpoint of it and exit with 75; the
+// same command then continues from it.
+TEST_F(CheckpointRuns, SignalSavesACheckpointAndExits) {
+  const std::string run = dir_.file("run");
+  EXPECT_EQ(run_until_stopped(run, [](pid_t mpirun) { kill(mpirun, SIGUSR1); }), 75) << log_of(run);
   EXPECT_NE(log_of(run).find("stopped by a signal after step"), std::string::npos) << log_of(run);
   const std::string name = latest(run);
   ASSERT_FALSE(name.empty());
@@ -264,6 +359,36 @@ TEST_F(CheckpointRuns, SignalSavesACheckpointAndExits) {
             0)
       << test::read_bytes(run + ".2.log");
   EXPECT_EQ(static_cast<int64_t>(test::metrics_lines(run)), step + 2);
+}
+
+// SIGTERM straight to every rank (what SLURM sends each task before preemption; mpirun is not
+// involved): the same checkpoint and exit 75, the ranks agreeing on the step to stop after.
+TEST_F(CheckpointRuns, SigtermToEveryRankSavesACheckpointAndExits) {
+  const std::string run = dir_.file("run");
+  std::vector<pid_t> ranks;
+  const int status = run_until_stopped(run, [&](pid_t mpirun) {
+    // The ranks are mpirun's children on one machine: processes whose parent (field 4 of
+    // /proc/PID/stat, after the parenthesised command name) is mpirun.
+    for (const auto& e : fs::directory_iterator("/proc")) {
+      const std::string pid = e.path().filename().string();
+      if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
+      const std::string stat = test::read_bytes(e.path().string() + "/stat");
+      const size_t name_end = stat.rfind(')');
+      if (name_end == std::string::npos) continue;
+      std::istringstream fields(stat.substr(name_end + 1));
+      std::string state;
+      pid_t parent = 0;
+      if (fields >> state >> parent && parent == mpirun) ranks.push_back(std::stoi(pid));
+    }
+    for (pid_t rank : ranks) kill(rank, SIGTERM);
+  });
+  EXPECT_EQ(ranks.size(), 2u);
+  EXPECT_EQ(status, 75) << log_of(run);
+  EXPECT_NE(log_of(run).find("stopped by a signal after step"), std::string::npos) << log_of(run);
+  const std::string name = latest(run);
+  ASSERT_FALSE(name.empty()) << log_of(run);
+  EXPECT_EQ(static_cast<int64_t>(test::metrics_lines(run)), std::stoll(name.substr(5)));
+  EXPECT_GT(ckpt::StoredCheckpoint(run + "/ckpt/" + name).verify_all(), 0u);
 }
 
 // checkpoint.dir that cannot be written is refused before training; a disk that fills during a

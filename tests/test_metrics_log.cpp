@@ -13,13 +13,13 @@
 #include <utility>
 #include <vector>
 
+#include "checkpoint/checksum.h"
 #include "kernels/check.h"
 #include "launch/metrics_log.h"
 #include "proto/tensorboard_event.pb.h"
 #include "tests/test_util.h"
 
 namespace fs = std::filesystem;
-using mole::launch::crc32c;
 using mole::launch::masked_crc32c;
 using mole::launch::read_tensorboard_scalars;
 using mole::launch::ScalarEvent;
@@ -30,7 +30,7 @@ using mole::test::write_bytes;
 
 namespace {
 
-uint32_t crc_of(const std::string& s) { return crc32c(s.data(), s.size()); }
+uint32_t crc_of(const std::string& s) { return mole::ckpt::crc32c(s.data(), s.size()); }
 
 uint64_t le(const std::string& bytes, size_t offset, int width) {
   uint64_t v = 0;
@@ -108,7 +108,7 @@ std::string write_sample(const std::string& dir) {
 
 TEST(Crc32c, StandardCheckValue) {
   EXPECT_EQ(crc_of("123456789"), 0xE3069283u);
-  EXPECT_EQ(crc32c(nullptr, 0), 0u);
+  EXPECT_EQ(mole::ckpt::crc32c(nullptr, 0), 0u);
 }
 
 TEST(Crc32c, Rfc3720Vectors) {
@@ -140,6 +140,28 @@ TEST(TensorBoard, ScalarsRoundTripAtFloatPrecision) {
     EXPECT_EQ(read[i].step, kScalars[i].step) << i;
     EXPECT_EQ(read[i].value, as_float(kScalars[i].value)) << i;
   }
+}
+
+// A restart event reads back at its step, between the scalars around it; TensorBoard parses it
+// as SessionLog START (field 7 of Event, status 1).
+TEST(TensorBoard, RestartEventRoundTrips) {
+  TempDir tmp;
+  std::string path;
+  {
+    TensorBoardWriter writer(tmp.path());
+    writer.add_scalar("train/loss", 6, 1.5);
+    writer.add_restart(7);
+    writer.add_scalar("train/loss", 7, 1.25);
+    path = writer.path();
+  }
+  const mole::launch::TensorBoardEvents events = mole::launch::read_tensorboard_events(path);
+  EXPECT_EQ(events.restarts, std::vector<int64_t>{7});
+  ASSERT_EQ(events.scalars.size(), 2u);
+  EXPECT_EQ(events.scalars[1].step, 7);
+  const std::string bytes = read_bytes(path);
+  // The third record's payload (after file_version and one scalar) is an Event with session_log.
+  EXPECT_NE(bytes.find(std::string("\x3a\x02\x08\x01", 4)), std::string::npos)
+      << "SessionLog{status: START} is field 7 of Event (tag 0x3a), status field 1 = 1";
 }
 
 TEST(TensorBoard, FileNameFollowsPattern) {

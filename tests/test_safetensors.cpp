@@ -374,7 +374,7 @@ TEST(SafetensorsBad, ShapeDisagreesWithByteRange) {
       dir, "model.safetensors",
       R"({"a.weight":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}})", std::string(20, '\0'));
   EXPECT_TRUE(fails_with([&] { SafetensorsFile f(path); },
-                         {path, "'a.weight'", "[2,3]", "6 x F32 = 24 bytes", "span 20 bytes"}));
+                         {path, "'a.weight'", "[2, 3]", "6 x F32 = 24 bytes", "span 20 bytes"}));
 }
 
 TEST(SafetensorsBad, ShapeOverflow) {

@@ -13,6 +13,7 @@
 
 #include "dist/communicator.h"
 #include "dist/runtime.h"
+#include "tests/expect_error.h"
 
 namespace mole::dist::test {
 
@@ -80,11 +81,5 @@ inline std::string error_of(const std::function<void()>& fn) {
   return "";
 }
 
-#define EXPECT_ERROR_CONTAINS(statement, text)                                                \
-  do {                                                                                        \
-    const std::string mole_error_ = ::mole::dist::test::error_of([&] { statement; });         \
-    EXPECT_NE(mole_error_.find(text), std::string::npos)                                      \
-        << "error message: '" << mole_error_ << "'\nexpected to contain: '" << (text) << "'"; \
-  } while (0)
 
 }  // namespace mole::dist::test

@@ -1,10 +1,10 @@
-// CRC-32C, table-driven, eight bytes per round (slicing-by-8).
-#include "checkpoint/crc32c.h"
+// CRC-32C, table-driven, eight bytes per round (slicing-by-8); FNV-1a.
+#include "checkpoint/checksum.h"
 
 #include <array>
 #include <cstring>
 
-static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "crc32c.cpp reads words little-endian");
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "checksum.cpp reads words little-endian");
 
 namespace mole::ckpt {
 namespace {
@@ -49,6 +49,14 @@ uint32_t crc32c(const void* data, size_t size, uint32_t crc) {
   }
   while (size-- > 0) crc = (crc >> 8) ^ t[0][(crc ^ *p++) & 0xFFu];
   return ~crc;
+}
+
+uint64_t fnv1a(std::string_view text, uint64_t hash) {
+  for (unsigned char ch : text) {
+    hash ^= ch;
+    hash *= 1099511628211ull;
+  }
+  return hash;
 }
 
 }  // namespace mole::ckpt
