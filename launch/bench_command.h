@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "moe/model_config.h"
 
@@ -23,6 +24,10 @@ class App;
 
 namespace mole::dist {
 class MpiRuntime;
+}
+
+namespace mole::parallel {
+struct ParamSlot;
 }
 
 namespace mole::launch {
@@ -64,8 +69,11 @@ void bench_train(const BenchOptions& options);
 // One process (bench_kernels.cpp).
 void bench_kernels(const BenchOptions& options);
 void bench_optimizer(const BenchOptions& options);
-// Under mpirun or alone (bench_optimizer.cpp).
+// Under mpirun or alone (bench_checkpoint.cpp).
 void bench_checkpoint(const BenchOptions& options);
+// The trainable tensors `mole train` builds for `options.method` (lora or mixlora) on the shape's
+// layers (the first options.layers), every rank holding all (bench_optimizer.cpp).
+std::vector<parallel::ParamSlot> bench_adapter_slots(const BenchOptions& options, const moe::ModelConfig& model);
 // Runs `bench` inside an MPI runtime (a bench under mpirun); an error is reported with the rank
 // before it leaves the runtime's scope (which aborts every rank).
 void run_under_mpi(const std::function<void(const dist::MpiRuntime&)>& bench);

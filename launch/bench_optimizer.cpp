@@ -1,7 +1,8 @@
 // `mole bench optimizer`: the optimizer's part of a step (gradient reduction, the global norm,
 // clipping, the AdamW update and, under ZeRO, the all-gather of the updated slices) for the
 // trainable tensors of an adapter at a model shape, without the model, for ZeRO stages 0, 1 and 2
-// in turn; with the bytes each rank keeps. Run under mpirun for data parallelism.
+// in turn; with the bytes each rank keeps. Run under mpirun for data parallelism. Also the
+// adapter's tensors for the checkpoint benchmark (bench_checkpoint.cpp).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <nlohmann/json.hpp>
@@ -20,7 +21,6 @@
 #include "dist/runtime.h"
 #include "kernels/check.h"
 #include "launch/bench_command.h"
-#include "launch/checkpointing.h"
 #include "moe/model_presets.h"
 #include "parallel/optimizer.h"
 #include "parallel/process_grid.h"
@@ -38,10 +38,11 @@ parallel::ParamSlot slot(const std::string& name, std::vector<int64_t> shape, mo
   return s;
 }
 
-// The trainable tensors `mole train` builds for `o.method` (lora or mixlora) on the shape's
-// layers: LoRA on the attention projections, and on the FFN projections either plain LoRA (lora)
-// or a MixLoRA block (router and expert stacks). Every rank holds every tensor (DP only).
-std::vector<parallel::ParamSlot> adapter_slots(const BenchOptions& o, const moe::ModelConfig& c) {
+}  // namespace
+
+// LoRA on the attention projections, and on the FFN projections either plain LoRA (lora) or a
+// MixLoRA block (router and expert stacks).
+std::vector<parallel::ParamSlot> bench_adapter_slots(const BenchOptions& o, const moe::ModelConfig& c) {
   MOLE_CHECK(o.method == "lora" || o.method == "mixlora",
              "bench optimizer: --method lora or mixlora, got '", o.method, "'");
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
@@ -76,6 +77,8 @@ std::vector<parallel::ParamSlot> adapter_slots(const BenchOptions& o, const moe:
   return slots;
 }
 
+namespace {
+
 struct StageResult {
   int zero = 0;
   double median_ms = 0.0, min_ms = 0.0;
@@ -84,7 +87,7 @@ struct StageResult {
 
 StageResult time_stage(const BenchOptions& o, const moe::ModelConfig& c,
                        const std::shared_ptr<dist::Communicator>& world, int zero) {
-  parallel::ParameterRegistry registry(adapter_slots(o, c));
+  parallel::ParameterRegistry registry(bench_adapter_slots(o, c));
   parallel::ProcessGrid grid(parallel::ParallelSizes{world->size(), 1, zero, 0}, world);
   std::unique_ptr<parallel::Optimizer> optimizer =
       parallel::make_optimizer(registry, &grid, parallel::AdamWOptions{},
@@ -119,7 +122,7 @@ void run_optimizer_bench(const BenchOptions& o, const dist::MpiRuntime& runtime)
   std::vector<StageResult> results;
   for (int zero : {0, 1, 2}) results.push_back(time_stage(o, c, world, zero));
   if (world->rank() != 0) return;
-  const int64_t params = parallel::ParameterRegistry(adapter_slots(o, c)).global_numel();
+  const int64_t params = parallel::ParameterRegistry(bench_adapter_slots(o, c)).global_numel();
   std::printf("mole bench optimizer: %s adapter (r=%lld%s) on %s, %lld layers: %lld trainable "
               "parameters (float32), DP %d, %s backend, ZeRO buckets of %g MiB\n",
               o.method.c_str(), (long long)o.rank,
@@ -146,78 +149,6 @@ void run_optimizer_bench(const BenchOptions& o, const dist::MpiRuntime& runtime)
 }
 
 }  // namespace
-
-namespace {
-
-// `mole bench checkpoint`: the same adapter's training checkpoint written (every rank its pieces,
-// rank 0 the manifest and the commit) and read back into a fresh optimizer, without ZeRO (rank 0
-// writes every tensor and moment) and with ZeRO 2 (every rank its slices).
-void run_checkpoint_bench(const BenchOptions& o, const dist::MpiRuntime& runtime) {
-  dist::WorldCommunicator made = dist::make_world_communicator(
-      o.backend, runtime, false, runtime.rank_info().local_rank, 600.0);
-  const std::shared_ptr<dist::Communicator> world = made.comm;
-  const moe::ModelConfig c = moe::model_preset(o.shape);
-  // One folder for the job, named by rank 0's process id.
-  at::Tensor id = at::tensor({static_cast<int64_t>(world->rank() == 0 ? ::getpid() : 0)}, at::kLong);
-  world->all_reduce(id, dist::ReduceOp::kMax)->wait();
-  const char* tmp = std::getenv("TMPDIR");
-  const std::string dir = std::string(tmp ? tmp : "/tmp") + "/mole-bench-checkpoint." + std::to_string(id.item<int64_t>());
-  constexpr double kMiB = 1024.0 * 1024.0;
-  nlohmann::json json = {{"bench", "checkpoint"}, {"shape", o.shape}, {"method", o.method},
-                         {"ranks", world->size()}};
-  std::string table;
-  for (int zero : {0, 2}) {
-    parallel::ParameterRegistry registry(adapter_slots(o, c)), fresh(adapter_slots(o, c));
-    parallel::ProcessGrid grid(parallel::ParallelSizes{world->size(), 1, zero, 0}, world);
-    std::unique_ptr<parallel::Optimizer> optimizer = parallel::make_optimizer(registry, &grid, parallel::AdamWOptions{});
-    std::unique_ptr<parallel::Optimizer> loaded = parallel::make_optimizer(fresh, &grid, parallel::AdamWOptions{});
-    // One update, so that the moments hold values.
-    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed + 1 + world->rank());
-    for (const parallel::ParamSlot& s : registry.slots()) {
-      s.tensor.mutable_grad() = at::empty_like(s.tensor).normal_(0.0, 1e-3, gen);
-    }
-    optimizer->reduce_gradients();
-    optimizer->clip(1.0, optimizer->grad_norm());
-    optimizer->step(1e-4);
-    optimizer->zero_grad();
-    world->barrier();
-    const SavedCheckpoint saved = write_checkpoint(
-        &grid, registry, *optimizer, at::empty({0}, at::kByte), dir, 1 + zero, 1,
-        [&](ckpt::pb::Manifest& m) { m.set_method(o.method); });
-    world->barrier();
-    const auto start = std::chrono::steady_clock::now();
-    const uint64_t read = read_trainable_state(ckpt::StoredCheckpoint(saved.folder), fresh, *loaded);
-    world->barrier();
-    const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    at::Tensor most = at::tensor({static_cast<int64_t>(read)}, at::kLong);
-    world->all_reduce(most, dist::ReduceOp::kMax)->wait();
-    char line[256];
-    std::snprintf(line, sizeof(line), "%-6d %10.2f %10.2f %14.1f %14.1f %14.1f\n", zero, saved.seconds, load_s,
-                  saved.total_bytes / kMiB, saved.max_bytes / kMiB, most.item<int64_t>() / kMiB);
-    table += line;
-    json["results"].push_back({{"zero", zero}, {"save_s", saved.seconds}, {"load_s", load_s},
-                               {"total_bytes", saved.total_bytes}, {"max_written_bytes_per_rank", saved.max_bytes},
-                               {"max_read_bytes_per_rank", most.item<int64_t>()}});
-  }
-  world->barrier();
-  if (world->rank() != 0) return;
-  std::error_code ec;
-  std::filesystem::remove_all(dir, ec);
-  const int64_t params = parallel::ParameterRegistry(adapter_slots(o, c)).global_numel();
-  std::printf("mole bench checkpoint: %s adapter (r=%lld) on %s: %lld trainable parameters (float32), "
-              "%d rank(s), in %s\n",
-              o.method.c_str(), (long long)o.rank, o.shape.c_str(), (long long)params, world->size(), dir.c_str());
-  std::printf("%-6s %10s %10s %14s %14s %14s\n%s", "zero", "save s", "load s", "total MiB", "written/rank",
-              "read/rank", table.c_str());
-  json["params"] = params;
-  std::printf("%s\n", json.dump().c_str());
-}
-
-}  // namespace
-
-void bench_checkpoint(const BenchOptions& o) {
-  run_under_mpi([&](const dist::MpiRuntime& runtime) { run_checkpoint_bench(o, runtime); });
-}
 
 void bench_optimizer(const BenchOptions& o) {
   run_under_mpi([&](const dist::MpiRuntime& runtime) { run_optimizer_bench(o, runtime); });

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <optional>
 #include <set>
 
@@ -58,12 +59,11 @@ std::vector<std::string> all_gather_bytes(dist::Communicator& comm, const std::s
   return out;
 }
 
-// The largest value of `flag` over the world (0 or 1): whether any rank failed.
-bool any_rank(const parallel::ProcessGrid* grid, bool flag) {
-  if (!grid || grid->dims().world() == 1) return flag;
-  dist::Communicator& world = grid->world();
-  at::Tensor t = at::tensor({static_cast<int64_t>(flag)}, at::kLong).to(world.tensor_device());
-  world.all_reduce(t, dist::ReduceOp::kMax)->wait();
+// The largest value of `flag` over `comm` (null: one process): whether any rank failed.
+bool any_rank(dist::Communicator* comm, bool flag) {
+  if (!comm || comm->size() == 1) return flag;
+  at::Tensor t = at::tensor({static_cast<int64_t>(flag)}, at::kLong).to(comm->tensor_device());
+  comm->all_reduce(t, dist::ReduceOp::kMax)->wait();
   return t.cpu().item<int64_t>() != 0;
 }
 
@@ -158,15 +158,44 @@ uint64_t base_fingerprint(const RunParts& run) {
                                                            : std::nullopt);
 }
 
-SavedCheckpoint write_checkpoint(const parallel::ProcessGrid* grid,
-                                 const parallel::ParameterRegistry& registry,
-                                 const parallel::Optimizer& optimizer, const at::Tensor& forward_rng,
-                                 const std::string& dir, int64_t step, int64_t keep,
+CheckpointSnapshot take_snapshot(const parallel::ProcessGrid* grid, const parallel::ParameterRegistry& registry,
+                                 const parallel::Optimizer& optimizer, const at::Tensor& forward_rng, int64_t step,
                                  const std::function<void(ckpt::pb::Manifest&)>& describe) {
   const auto start = std::chrono::steady_clock::now();
+  CheckpointSnapshot snap;
+  snap.step = step;
+  snap.rank = grid ? grid->rank() : 0;
+  snap.pieces = rank_pieces(grid, registry, optimizer);
+  for (ckpt::PieceData& p : snap.pieces) p.values = p.values.to(at::kCPU);
+  const at::Tensor rng = forward_rng.to(at::kCPU).contiguous();
+  snap.forward_rng.assign(static_cast<const char*>(rng.data_ptr()), static_cast<size_t>(rng.numel() * rng.element_size()));
+  if (snap.rank == 0) {
+    ckpt::pb::Manifest& m = snap.manifest;
+    m.set_format_version(ckpt::kCheckpointFormat);
+    m.set_step(step);
+    m.set_world(grid ? grid->dims().world() : 1);
+    m.set_ep(grid ? grid->dims().ep() : 1);
+    m.set_zero(grid ? grid->dims().zero() : 0);
+    m.set_optimizer_steps(optimizer.steps_taken());
+    for (const parallel::ParamSlot& s : registry.slots()) {
+      ckpt::pb::TensorSpec* t = m.add_tensors();
+      t->set_name(s.name);
+      for (int64_t d : s.global_shape) t->add_shape(d);
+      t->set_dtype(dtype_text(s.tensor.scalar_type()));
+    }
+    describe(m);
+  }
+  snap.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return snap;
+}
+
+SavedCheckpoint write_snapshot(dist::Communicator* comm, const CheckpointSnapshot& snap, const std::string& dir,
+                               int64_t keep) {
+  const auto start = std::chrono::steady_clock::now();
+  const int64_t step = snap.step;
   const std::string name = ckpt::step_folder_name(step);
   const std::string tmp = dir + "/" + name + ".tmp";
-  const int rank = grid ? grid->rank() : 0, world = grid ? grid->dims().world() : 1;
+  const int rank = snap.rank, world = comm ? comm->size() : 1;
   std::string error;
   if (rank == 0) {
     std::error_code ec;
@@ -174,34 +203,31 @@ SavedCheckpoint write_checkpoint(const parallel::ProcessGrid* grid,
     fs::create_directories(tmp, ec);
     if (ec) error = "cannot create '" + tmp + "': " + ec.message();
   }
-  if (any_rank(grid, !error.empty())) {
+  if (any_rank(comm, !error.empty())) {
     MOLE_FAIL("checkpoint of step ", step, " not saved: ",
               error.empty() ? "rank 0 could not create its folder" : error,
               "; the previous checkpoint is intact");
   }
   // Every rank's file, then every rank's pieces to rank 0 (which also tells it the files are
   // there). A rank that fails still takes part, so that nobody waits.
-  ckpt::pb::RankPieces mine;
   if (kill_requested("MOLE_TEST_KILL_DURING_SAVE", rank, step)) {
     spdlog::warn("MOLE_TEST_KILL_DURING_SAVE: rank {} dies while saving step {}", rank, step);
     std::raise(SIGKILL);
   }
+  ckpt::pb::RankPieces mine;
   try {
-    mine = ckpt::write_rank_file(tmp, rank, rank_pieces(grid, registry, optimizer));
+    mine = ckpt::write_rank_file(tmp, rank, snap.pieces);
   } catch (const std::exception& e) {
     error = e.what();
   }
-  const at::Tensor rng = forward_rng.to(at::kCPU).contiguous();
   mine.mutable_state()->set_rank(rank);
-  mine.mutable_state()->set_forward_rng(std::string(static_cast<const char*>(rng.data_ptr()),
-                                                    static_cast<size_t>(rng.numel() * rng.element_size())));
-  const bool failed = any_rank(grid, !error.empty());
+  mine.mutable_state()->set_forward_rng(snap.forward_rng);
+  const bool failed = any_rank(comm, !error.empty());
   std::vector<ckpt::pb::RankPieces> ranks;
   if (!failed) {
     std::string bytes;
     mine.SerializeToString(&bytes);
-    const std::vector<std::string> all =
-        world > 1 ? all_gather_bytes(grid->world(), bytes) : std::vector<std::string>{bytes};
+    const std::vector<std::string> all = world > 1 ? all_gather_bytes(*comm, bytes) : std::vector<std::string>{bytes};
     for (const std::string& b : all) {
       ranks.emplace_back();
       MOLE_CHECK(ranks.back().ParseFromString(b), "checkpoint: a rank's piece list does not parse");
@@ -232,25 +258,12 @@ SavedCheckpoint write_checkpoint(const parallel::ProcessGrid* grid,
       std::raise(SIGKILL);
     }
     try {
-      ckpt::pb::Manifest m;
-      m.set_format_version(ckpt::kCheckpointFormat);
-      m.set_step(step);
-      m.set_world(world);
-      m.set_ep(grid ? grid->dims().ep() : 1);
-      m.set_zero(grid ? grid->dims().zero() : 0);
-      m.set_optimizer_steps(optimizer.steps_taken());
-      for (const parallel::ParamSlot& s : registry.slots()) {
-        ckpt::pb::TensorSpec* t = m.add_tensors();
-        t->set_name(s.name);
-        for (int64_t d : s.global_shape) t->add_shape(d);
-        t->set_dtype(dtype_text(s.tensor.scalar_type()));
-      }
+      ckpt::pb::Manifest m = snap.manifest;
       for (const ckpt::pb::RankPieces& r : ranks) {
         *m.add_ranks() = r.state();
         if (!r.file().empty()) m.add_files(r.file());
         for (const ckpt::pb::Piece& p : r.pieces()) *m.add_pieces() = p;
       }
-      describe(m);
       ckpt::write_manifest(tmp, m);
       ckpt::commit_checkpoint(dir, name, keep);
     } catch (const std::exception& e) {
@@ -259,7 +272,7 @@ SavedCheckpoint write_checkpoint(const parallel::ProcessGrid* grid,
       fs::remove_all(tmp, ec);
     }
   }
-  if (any_rank(grid, !commit_error.empty())) {
+  if (any_rank(comm, !commit_error.empty())) {
     MOLE_FAIL("checkpoint of step ", step, " not saved: ",
               commit_error.empty() ? "rank 0 could not commit it" : commit_error,
               "; the previous checkpoint is intact");
@@ -268,21 +281,86 @@ SavedCheckpoint write_checkpoint(const parallel::ProcessGrid* grid,
     spdlog::warn("MOLE_TEST_KILL_AFTER_CHECKPOINT: rank {} dies after the checkpoint of step {}", rank, step);
     std::raise(SIGKILL);
   }
-  saved.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  saved.seconds = snap.seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return saved;
 }
 
+SavedCheckpoint write_checkpoint(const parallel::ProcessGrid* grid,
+                                 const parallel::ParameterRegistry& registry,
+                                 const parallel::Optimizer& optimizer, const at::Tensor& forward_rng,
+                                 const std::string& dir, int64_t step, int64_t keep,
+                                 const std::function<void(ckpt::pb::Manifest&)>& describe) {
+  return write_snapshot(grid && grid->dims().world() > 1 ? &grid->world() : nullptr,
+                        take_snapshot(grid, registry, optimizer, forward_rng, step, describe), dir, keep);
+}
+
+namespace {
+
+void log_saved(int rank, int world, const SavedCheckpoint& saved, const char* how) {
+  if (rank != 0) return;
+  constexpr double kMiB = 1024.0 * 1024.0;
+  spdlog::info("checkpoint {} saved{} in {:.2f} s: {:.2f} MiB in {} file(s), at most {:.2f} MiB per rank",
+               saved.folder, how, saved.seconds, saved.total_bytes / kMiB, world, saved.max_bytes / kMiB);
+}
+
+CheckpointSnapshot snapshot_run(const RunParts& run, const StepCounters& counters) {
+  return take_snapshot(run.grid.get(), *run.registry, *run.optimizer, run.forward_gen.get_state(), counters.step,
+                       [&](ckpt::pb::Manifest& m) { describe_run(run, counters, m); });
+}
+
+}  // namespace
+
 std::string save_checkpoint(const RunParts& run, const StepCounters& counters) {
-  const SavedCheckpoint saved = write_checkpoint(
-      run.grid.get(), *run.registry, *run.optimizer, run.forward_gen.get_state(), checkpoint_dir(run.config),
-      counters.step, run.config.checkpoint.keep,
-      [&](ckpt::pb::Manifest& m) { describe_run(run, counters, m); });
-  if (run.rank() == 0) {
-    constexpr double kMiB = 1024.0 * 1024.0;
-    spdlog::info("checkpoint {} saved in {:.2f} s: {:.2f} MiB in {} file(s), at most {:.2f} MiB per rank",
-                 saved.folder, saved.seconds, saved.total_bytes / kMiB, run.world(), saved.max_bytes / kMiB);
-  }
+  const SavedCheckpoint saved =
+      write_snapshot(run.world() > 1 ? &run.grid->world() : nullptr, snapshot_run(run, counters),
+                     checkpoint_dir(run.config), run.config.checkpoint.keep);
+  log_saved(run.rank(), run.world(), saved, "");
   return saved.folder;
+}
+
+AsyncCheckpointer::AsyncCheckpointer(const RunParts& run) {
+  if (run.world() > 1) {
+    dist::Communicator& world = run.grid->world();
+    MOLE_CHECK(world.concurrent_use(), "checkpoint.async writes checkpoints on a thread of its own, which the ",
+               world.backend(), " backend here does not allow (MPI must provide MPI_THREAD_MULTIPLE); "
+               "set checkpoint.async=false");
+    comm_ = world.split(0, world.rank(), world.name() + "-ckpt", world.timeout_s());
+  }
+}
+
+AsyncCheckpointer::~AsyncCheckpointer() {
+  if (!thread_.joinable()) return;
+  thread_.join();
+  if (!error_.empty()) spdlog::error("{}", error_);
+}
+
+void AsyncCheckpointer::save(const RunParts& run, const StepCounters& counters) {
+  wait();
+  auto snap = std::make_shared<CheckpointSnapshot>(snapshot_run(run, counters));
+  const int rank = run.rank(), world = run.world();
+  if (rank == 0) {
+    spdlog::info("checkpoint of step {}: state copied in {:.3f} s, written in the background", snap->step,
+                 snap->seconds);
+  }
+  thread_ = std::thread([this, snap, rank, world, dir = checkpoint_dir(run.config), keep = run.config.checkpoint.keep] {
+    try {
+      const SavedCheckpoint saved = write_snapshot(comm_.get(), *snap, dir, keep);
+      log_saved(rank, world, saved, " in the background");
+      folder_ = saved.folder;
+    } catch (const std::exception& e) {
+      error_ = e.what();
+    }
+  });
+}
+
+std::string AsyncCheckpointer::wait() {
+  if (thread_.joinable()) thread_.join();
+  if (!error_.empty()) {
+    std::string error;
+    error.swap(error_);
+    MOLE_FAIL(error);
+  }
+  return folder_;
 }
 
 uint64_t read_trainable_state(const ckpt::StoredCheckpoint& stored, const parallel::ParameterRegistry& registry,

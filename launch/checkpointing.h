@@ -10,11 +10,18 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <memory>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "checkpoint/training_checkpoint.h"
 #include "launch/run_parts.h"
 #include "launch/train_step.h"
+
+namespace mole::dist {
+class Communicator;
+}
 
 namespace mole::launch {
 
@@ -39,6 +46,30 @@ void check_checkpoint_dir(const Config& config, int rank);
 // as that step's save starts writing its rank file (the other ranks are writing theirs).
 std::string save_checkpoint(const RunParts& run, const StepCounters& counters);
 
+// Saves checkpoints in the background (checkpoint.async): save() copies this rank's share of the
+// state into host memory at the step and returns; a thread of its own writes and commits it on a
+// communicator of its own (split from the world at construction, so its collectives never
+// interleave with training's). One save at a time: save() and wait() first finish the previous
+// one and rethrow its error, which every rank then has (the save's collectives agree on it).
+// Needs a communicator that allows concurrent use (MPI_THREAD_MULTIPLE); construction is
+// collective over the world.
+class AsyncCheckpointer {
+ public:
+  explicit AsyncCheckpointer(const RunParts& run);
+  ~AsyncCheckpointer();  // finishes a save in flight (its error logged)
+  AsyncCheckpointer(const AsyncCheckpointer&) = delete;
+  AsyncCheckpointer& operator=(const AsyncCheckpointer&) = delete;
+  void save(const RunParts& run, const StepCounters& counters);
+  // Finishes the save in flight; the folder of the last committed save ("" for none).
+  std::string wait();
+
+ private:
+  std::unique_ptr<dist::Communicator> comm_;  // null for one process
+  std::thread thread_;
+  std::string error_;   // written by the thread, read after join
+  std::string folder_;
+};
+
 // Loads the checkpoint in `folder` into this rank's parts (trainable tensors, optimizer moments
 // and step, data position, forward generator) and returns its counters. Checks first that it was
 // made for this base model and this adapter (names both when not). Rank-local: no collectives.
@@ -55,6 +86,22 @@ struct SavedCheckpoint {
   uint64_t total_bytes = 0;
   double seconds = 0.0;
 };
+// The two halves of write_checkpoint: what this rank saves of step `step`, copied to host memory
+// (on rank 0 also the manifest's run-level fields and tensor list), and writing and committing it,
+// collective over `comm` (null: one process), which may run on another thread.
+struct CheckpointSnapshot {
+  int64_t step = 0;
+  int rank = 0;
+  std::vector<ckpt::PieceData> pieces;
+  std::string forward_rng;
+  ckpt::pb::Manifest manifest;  // rank 0
+  double seconds = 0.0;         // taking it
+};
+CheckpointSnapshot take_snapshot(const parallel::ProcessGrid* grid, const parallel::ParameterRegistry& registry,
+                                 const parallel::Optimizer& optimizer, const at::Tensor& forward_rng, int64_t step,
+                                 const std::function<void(ckpt::pb::Manifest&)>& describe);
+SavedCheckpoint write_snapshot(dist::Communicator* comm, const CheckpointSnapshot& snap, const std::string& dir,
+                               int64_t keep);
 SavedCheckpoint write_checkpoint(const parallel::ProcessGrid* grid,
                                  const parallel::ParameterRegistry& registry,
                                  const parallel::Optimizer& optimizer, const at::Tensor& forward_rng,

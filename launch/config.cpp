@@ -351,6 +351,7 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
   ckpt.get("resume", c.checkpoint.resume);
   check(!c.checkpoint.resume.empty(), ckpt, "resume",
         "must be auto, never or the path of a checkpoint folder");
+  ckpt.get("async", c.checkpoint.async);
   ckpt.finish();
 
   Section log = top.child("log");
@@ -441,7 +442,8 @@ std::string to_yaml(const Config& c) {
   out << YAML::Key << "checkpoint" << YAML::Value << YAML::BeginMap << YAML::Key << "dir"
       << YAML::Value << c.checkpoint.dir << YAML::Key << "every" << YAML::Value << c.checkpoint.every
       << YAML::Key << "keep" << YAML::Value << c.checkpoint.keep << YAML::Key << "resume"
-      << YAML::Value << c.checkpoint.resume << YAML::EndMap;
+      << YAML::Value << c.checkpoint.resume << YAML::Key << "async" << YAML::Value << c.checkpoint.async
+      << YAML::EndMap;
   out << YAML::Key << "log" << YAML::Value << YAML::BeginMap << YAML::Key << "dir" << YAML::Value
       << c.log.dir << YAML::Key << "every" << YAML::Value << c.log.every << YAML::Key
       << "tensorboard" << YAML::Value << c.log.tensorboard << YAML::Key << "overwrite"

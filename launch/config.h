@@ -90,6 +90,9 @@ struct CheckpointSection {
   int64_t every = 0;
   int64_t keep = 3;
   std::string resume = "auto";
+  // Copy the state to host memory at the step and write it on a thread of its own while
+  // training goes on (one save at a time; a save's error ends the run at the next save or the end).
+  bool async = false;
 };
 
 struct LogSection {

@@ -43,6 +43,7 @@ Trainer::Trainer(Config config, std::shared_ptr<parallel::ProcessGrid> grid)
   if (c.checkpoint.every > 0) check_checkpoint_dir(c, rank());
   resumed_from_ = checkpoint_to_resume(c);
   if (!resumed_from_.empty()) counters_ = resume_from_checkpoint(parts_, resumed_from_);
+  if (c.checkpoint.every > 0 && c.checkpoint.async) async_ = std::make_unique<AsyncCheckpointer>(parts_);
 }
 
 bool Trainer::stop_requested() const {
@@ -85,6 +86,7 @@ TrainSummary Trainer::run() {
       // Preemption: checkpoint this step and end (the run continues from it when started again).
       TrainSummary summary = sink.summary();
       summary.stopped = true;
+      if (async_) async_->wait();
       summary.checkpoint = save_checkpoint(parts_, counters_);
       if (rank() == 0) {
         spdlog::warn("stopped by a signal after step {}: checkpoint {} saved; run the same command{} "
@@ -95,9 +97,15 @@ TrainSummary Trainer::run() {
       return summary;
     }
     if (c.checkpoint.every > 0 && done % c.checkpoint.every == 0 && done != c.train.steps) {
-      save_checkpoint(parts_, counters_);
+      if (async_) {
+        async_->save(parts_, counters_);
+      } else {
+        save_checkpoint(parts_, counters_);
+      }
     }
   }
+  // A background save in flight is finished first (its error ends the run).
+  if (async_) async_->wait();
   evaluate_and_log(sink, c.train.steps);
   TrainSummary summary = sink.summary();
   const parallel::OptimizerMemory memory = parts_.optimizer->memory();

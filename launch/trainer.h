@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "launch/checkpointing.h"
 #include "launch/config.h"
 #include "launch/data.h"
 #include "launch/evaluate.h"
@@ -72,6 +73,7 @@ class Trainer {
   RunParts parts_;
   StepCounters counters_;
   std::string resumed_from_;  // the checkpoint the run continued from, if any
+  std::unique_ptr<AsyncCheckpointer> async_;  // checkpoint.async
 };
 
 // SIGTERM and SIGUSR1 (what schedulers send before preemption) make Trainer::run finish the

@@ -190,6 +190,35 @@ TEST_F(CheckpointRuns, KilledRankResumesBitIdentical) {
   EXPECT_EQ(restarts, (std::vector<std::vector<int64_t>>{{}, {7}}));
 }
 
+// checkpoint.async on 2 ranks (DP 2, ZeRO 1): the step-6 checkpoint, written on the background
+// thread while training went on, holds exactly what the synchronous save of the same run holds;
+// rank 1 dies right after it is committed (training is then at step 7 or 8), and the same command
+// continues from it bit-identical to the uninterrupted synchronous run.
+TEST_F(CheckpointRuns, AsyncSaveEqualsSyncSaveAndResumes) {
+  const std::string ref = dir_.file("ref"), run = dir_.file("run");
+  const std::string layout = " --set parallel.zero=1 --set checkpoint.every=3";
+  ASSERT_EQ(train(2, ref, layout), 0) << log_of(ref);
+  const std::string async = layout + " --set checkpoint.async=true";
+  EXPECT_NE(train(2, run, async, "MOLE_TEST_KILL_AFTER_CHECKPOINT=1:6"), 0) << log_of(run);
+  EXPECT_NE(log_of(run).find("written in the background"), std::string::npos) << log_of(run);
+  EXPECT_EQ(latest(run), "step-000006");
+  for (int rank : {0, 1}) {
+    const std::string file = "/ckpt/step-000006/" + ckpt::rank_file_name(rank);
+    expect_same_tensors(ref + file, run + file);
+  }
+  const ckpt::pb::Manifest a = ckpt::read_manifest(ref + "/ckpt/step-000006");
+  const ckpt::pb::Manifest b = ckpt::read_manifest(run + "/ckpt/step-000006");
+  EXPECT_EQ(b.loader_position(), a.loader_position());
+  EXPECT_EQ(b.optimizer_steps(), a.optimizer_steps());
+  ASSERT_EQ(b.ranks_size(), a.ranks_size());
+  for (int r = 0; r < a.ranks_size(); ++r) EXPECT_EQ(b.ranks(r).forward_rng(), a.ranks(r).forward_rng());
+  ASSERT_EQ(train(2, run, async), 0) << log_of(run);
+  EXPECT_NE(log_of(run).find("at step 6"), std::string::npos) << log_of(run);
+  expect_steps_of(ref, run, 1, 12, 0.0);
+  EXPECT_EQ(test::worst_weight_error(ref, run), 0.0);
+  EXPECT_EQ(latest(run), "step-000009");
+}
+
 // Saved by 4 ranks (DP 2 x EP 2, ZeRO 2, token dispatch), continued by 2 ranks (EP 2, ZeRO 1,
 // weight gather) and by one process: float64 losses and trained weights to 1e-12 of the
 // uninterrupted run. Then the same checkpoint, damaged or mismatched, refused by name.
