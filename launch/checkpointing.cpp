@@ -15,11 +15,13 @@
 #include <memory>
 #include <optional>
 #include <set>
+#include <thread>
 
 #include "checkpoint/atomic_file.h"
 #include "checkpoint/checksum.h"
 #include "checkpoint/safetensors_format.h"
 #include "checkpoint/training_checkpoint.h"
+#include "dist/collective_stream.h"
 #include "dist/communicator.h"
 #include "kernels/check.h"
 #include "moe/random.h"
@@ -318,48 +320,50 @@ std::string save_checkpoint(const RunParts& run, const StepCounters& counters) {
   return saved.folder;
 }
 
-AsyncCheckpointer::AsyncCheckpointer(const RunParts& run) {
+AsyncCheckpointer::AsyncCheckpointer(const RunParts& run, dist::Communicator* comm) {
+  std::unique_ptr<dist::Communicator> own;
   if (run.world() > 1) {
-    dist::Communicator& world = run.grid->world();
-    MOLE_CHECK(world.concurrent_use(), "checkpoint.async writes checkpoints on a thread of its own, which the ",
-               world.backend(), " backend here does not allow (MPI must provide MPI_THREAD_MULTIPLE); "
+    MOLE_CHECK(comm != nullptr && comm->size() == run.world(), "checkpoint.async: no communicator over the run's ",
+               run.world(), " ranks");
+    MOLE_CHECK(comm->tensor_device().is_cpu(), "checkpoint.async needs a host communicator (MPI or Gloo) for its "
+               "thread; this run has only the ", comm->backend(), " backend's");
+    MOLE_CHECK(comm->concurrent_use(), "checkpoint.async writes checkpoints on a thread of its own, which the ",
+               comm->backend(), " backend here does not allow (MPI must provide MPI_THREAD_MULTIPLE); "
                "set checkpoint.async=false");
-    comm_ = world.split(0, world.rank(), world.name() + "-ckpt", world.timeout_s());
+    own = comm->split(0, comm->rank(), comm->name() + "-ckpt", comm->timeout_s());
   }
+  stream_ = std::make_unique<dist::CollectiveStream>(std::move(own));
 }
 
 AsyncCheckpointer::~AsyncCheckpointer() {
-  if (!thread_.joinable()) return;
-  thread_.join();
-  if (!error_.empty()) spdlog::error("{}", error_);
+  try {
+    stream_->drain();
+  } catch (const std::exception& e) {
+    spdlog::error("{}", e.what());
+  }
 }
 
 void AsyncCheckpointer::save(const RunParts& run, const StepCounters& counters) {
   wait();
-  auto snap = std::make_shared<CheckpointSnapshot>(snapshot_run(run, counters));
+  auto snap = std::make_shared<const CheckpointSnapshot>(snapshot_run(run, counters));
   const int rank = run.rank(), world = run.world();
   if (rank == 0) {
     spdlog::info("checkpoint of step {}: state copied in {:.3f} s, written in the background", snap->step,
                  snap->seconds);
   }
-  thread_ = std::thread([this, snap, rank, world, dir = checkpoint_dir(run.config), keep = run.config.checkpoint.keep] {
-    try {
-      const SavedCheckpoint saved = write_snapshot(comm_.get(), *snap, dir, keep);
-      log_saved(rank, world, saved, " in the background");
-      folder_ = saved.folder;
-    } catch (const std::exception& e) {
-      error_ = e.what();
-    }
+  const char* delay = std::getenv("MOLE_TEST_ASYNC_SAVE_DELAY_MS");
+  const int64_t delay_ms = delay ? std::strtoll(delay, nullptr, 10) : 0;
+  stream_->submit([this, snap, rank, world, delay_ms, dir = checkpoint_dir(run.config),
+                   keep = run.config.checkpoint.keep](dist::Communicator* comm) {
+    if (delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+    const SavedCheckpoint saved = write_snapshot(comm, *snap, dir, keep);
+    log_saved(rank, world, saved, " in the background");
+    folder_ = saved.folder;
   });
 }
 
 std::string AsyncCheckpointer::wait() {
-  if (thread_.joinable()) thread_.join();
-  if (!error_.empty()) {
-    std::string error;
-    error.swap(error_);
-    MOLE_FAIL(error);
-  }
+  stream_->drain();
   return folder_;
 }
 

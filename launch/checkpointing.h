@@ -12,7 +12,6 @@
 #include <optional>
 #include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "checkpoint/training_checkpoint.h"
@@ -20,6 +19,7 @@
 #include "launch/train_step.h"
 
 namespace mole::dist {
+class CollectiveStream;
 class Communicator;
 }
 
@@ -51,11 +51,13 @@ std::string save_checkpoint(const RunParts& run, const StepCounters& counters);
 // communicator of its own (split from the world at construction, so its collectives never
 // interleave with training's). One save at a time: save() and wait() first finish the previous
 // one and rethrow its error, which every rank then has (the save's collectives agree on it).
-// Needs a communicator that allows concurrent use (MPI_THREAD_MULTIPLE); construction is
-// collective over the world.
+// `comm` spans the run's ranks (null: one process); it must run its collectives on the host (not
+// NCCL: a save's few control words need no GPU, and NCCL collectives issued from two threads in
+// different orders can deadlock) and allow concurrent use (MPI_THREAD_MULTIPLE). Construction is
+// collective over it. Test hook: MOLE_TEST_ASYNC_SAVE_DELAY_MS delays every background write.
 class AsyncCheckpointer {
  public:
-  explicit AsyncCheckpointer(const RunParts& run);
+  AsyncCheckpointer(const RunParts& run, dist::Communicator* comm);
   ~AsyncCheckpointer();  // finishes a save in flight (its error logged)
   AsyncCheckpointer(const AsyncCheckpointer&) = delete;
   AsyncCheckpointer& operator=(const AsyncCheckpointer&) = delete;
@@ -64,10 +66,8 @@ class AsyncCheckpointer {
   std::string wait();
 
  private:
-  std::unique_ptr<dist::Communicator> comm_;  // null for one process
-  std::thread thread_;
-  std::string error_;   // written by the thread, read after join
-  std::string folder_;
+  std::unique_ptr<dist::CollectiveStream> stream_;
+  std::string folder_;  // written by the stream's job, read after drain()
 };
 
 // Loads the checkpoint in `folder` into this rank's parts (trainable tensors, optimizer moments

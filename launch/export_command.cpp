@@ -15,12 +15,14 @@
 #include "checkpoint/hf_config.h"
 #include "checkpoint/model_loader.h"
 #include "checkpoint/moe_peft_adapter.h"
+#include "checkpoint/safetensors_format.h"
 #include "checkpoint/training_checkpoint.h"
 #include "kernels/check.h"
 #include "launch/checkpointing.h"
 #include "launch/config.h"
 #include "launch/data.h"
 #include "launch/run_parts.h"
+#include "moe/adapter.h"
 #include "moe/model_presets.h"
 
 namespace mole::launch {
@@ -77,14 +79,38 @@ void export_checkpoint(const std::string& folder, const ExportOptions& o) {
                folder, "': its synthetic base model, drawn again from train.seed ", c.train.seed,
                ", does not match the fingerprint it records (tokenizer '", tokenizer_spec, "')");
     num_layers = synthetic_model->num_layers();
+    if (!o.model.empty()) spdlog::warn("--model is not used: the checkpoint's base is synthetic (drawn from its seed)");
     base = o.out + "/base";
+    MOLE_CHECK(o.overwrite || !fs::exists(base), "--out '", o.out, "' already holds base/ (where the synthetic base "
+               "goes); choose another folder or pass --overwrite to replace it");
   } else {
+    if (!o.model.empty() && o.model != m.base()) {
+      spdlog::warn("checkpoint '{}' was trained on '{}'; the adapter is written for --model '{}' (it must be the same "
+                   "model)", folder, m.base(), o.model);
+    }
     MOLE_CHECK(fs::exists(base + "/config.json"), "cannot find the base model '", base, "' of checkpoint '",
                folder, "' (no config.json there); pass --model DIR");
     num_layers = ckpt::load_hf_config(base + "/config.json").num_layers;
   }
   const moe::AdapterSpec spec = adapter_spec(c, num_layers);
   check_format(o.format, spec);
+  if (synthetic_model) {
+    // The adapter the configuration describes, on the model it was trained on: its tensors must
+    // be the checkpoint's, name for name and shape for shape.
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(c.train.seed);
+    moe::attach_adapter(*synthetic_model, spec, gen);
+    const std::vector<moe::TrainableTensor> expected = synthetic_model->trainable_tensors();
+    MOLE_CHECK(static_cast<int>(expected.size()) == m.tensors_size(), "checkpoint '", folder, "' holds ",
+               m.tensors_size(), " trainable tensors, but its configuration describes ", expected.size());
+    for (size_t i = 0; i < expected.size(); ++i) {
+      const ckpt::pb::TensorSpec& t = m.tensors(static_cast<int>(i));
+      MOLE_CHECK(t.name() == expected[i].name &&
+                     std::vector<int64_t>(t.shape().begin(), t.shape().end()) == expected[i].tensor.sizes().vec(),
+                 "checkpoint '", folder, "' holds '", t.name(), "' ", st::shape_text({t.shape().begin(), t.shape().end()}),
+                 " where its configuration describes '", expected[i].name, "' ",
+                 st::shape_text(expected[i].tensor.sizes().vec()));
+    }
+  }
   std::vector<moe::NamedTensor> whole;
   for (const ckpt::pb::TensorSpec& t : m.tensors()) {
     const std::vector<int64_t> shape(t.shape().begin(), t.shape().end());
@@ -96,8 +122,9 @@ void export_checkpoint(const std::string& folder, const ExportOptions& o) {
     whole.emplace_back(t.name(), std::move(values));
   }
   MOLE_CHECK(!whole.empty(), "checkpoint '", folder, "' holds no trainable tensors");
-  ckpt::save_adapter(whole, spec, o.out, base);
+  // The base first: the adapter names it.
   if (synthetic) ckpt::save_hf_model(*synthetic_model, base, tokenizer_files(tokenizer_spec));
+  ckpt::save_adapter(whole, spec, o.out, base);
   spdlog::info("exported the adapter of {} (step {}, {}) to {}", folder, m.step(), m.adapter(), o.out);
 }
 

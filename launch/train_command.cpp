@@ -79,12 +79,15 @@ int run_train(const TrainOptions& options) {
   if (dist::detect_rank_info().world > 1) distributed.runtime = std::make_unique<dist::MpiRuntime>();
   const int rank = distributed.runtime ? distributed.runtime->rank_info().rank : 0;
   install_stop_signals();
+  std::unique_ptr<Trainer> trainer;
   try {
     if (distributed.runtime) build_grid(distributed, config);
     // A run that continues from its checkpoint owns its folder already.
     if (checkpoint_to_resume(config).empty()) claim_run_folder(config, rank == 0);
-    Trainer trainer(std::move(config), distributed.grid);
-    TrainSummary s = trainer.run();
+    // Kept past the catch below: a failing rank reports and aborts the job before anything of the
+    // run is torn down (a background save would otherwise be waited for first).
+    trainer = std::make_unique<Trainer>(std::move(config), distributed.grid, distributed.bootstrap);
+    TrainSummary s = trainer->run();
     if (s.stopped) return kExitStopped;
     if (rank != 0) return 0;
     const double ratio = s.first_loss > 0 ? s.last_loss / s.first_loss : 0.0;
@@ -95,7 +98,7 @@ int run_train(const TrainOptions& options) {
       spdlog::info("eval: loss {:.4f}, next-token accuracy {:.3f}", s.eval_loss, s.eval_accuracy);
     }
     spdlog::info("run folder {}: config.yaml, metrics.jsonl, events.out.tfevents.*, adapter/{}",
-                 s.run_dir, trainer.config().model.base == "synthetic:tiny" ? ", base/" : "");
+                 s.run_dir, trainer->config().model.base == "synthetic:tiny" ? ", base/" : "");
     return 0;
   } catch (const std::exception& e) {
     if (distributed.runtime) {

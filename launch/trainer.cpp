@@ -37,13 +37,23 @@ void install_stop_signals() {
   sigaction(SIGUSR1, &action, nullptr);
 }
 
-Trainer::Trainer(Config config, std::shared_ptr<parallel::ProcessGrid> grid)
+Trainer::Trainer(Config config, std::shared_ptr<parallel::ProcessGrid> grid, std::shared_ptr<dist::Communicator> host)
     : parts_(build_run(std::move(config), std::move(grid))) {
   const Config& c = parts_.config;
   if (c.checkpoint.every > 0) check_checkpoint_dir(c, rank());
   resumed_from_ = checkpoint_to_resume(c);
   if (!resumed_from_.empty()) counters_ = resume_from_checkpoint(parts_, resumed_from_);
-  if (c.checkpoint.every > 0 && c.checkpoint.async) async_ = std::make_unique<AsyncCheckpointer>(parts_);
+  if (c.checkpoint.every > 0 && c.checkpoint.async) {
+    // A host communicator that allows a second thread: MPI's world, or the training world when
+    // MPI lacks MPI_THREAD_MULTIPLE and training runs on Gloo (AsyncCheckpointer names what is missing).
+    dist::Communicator* comm = nullptr;
+    if (parts_.grid) {
+      dist::Communicator& world = parts_.grid->world();
+      const bool world_fits = world.tensor_device().is_cpu() && world.concurrent_use();
+      comm = host && (host->concurrent_use() || !world_fits) ? host.get() : &world;
+    }
+    async_ = std::make_unique<AsyncCheckpointer>(parts_, comm);
+  }
 }
 
 bool Trainer::stop_requested() const {
@@ -86,7 +96,15 @@ TrainSummary Trainer::run() {
       // Preemption: checkpoint this step and end (the run continues from it when started again).
       TrainSummary summary = sink.summary();
       summary.stopped = true;
-      if (async_) async_->wait();
+      if (async_) {
+        try {
+          async_->wait();
+        } catch (const Error& e) {
+          // Every rank has this error (the save's collectives agreed on it): the stop's own
+          // checkpoint is what the job continues from.
+          spdlog::error("{}; saving the checkpoint of step {} now", e.what(), done);
+        }
+      }
       summary.checkpoint = save_checkpoint(parts_, counters_);
       if (rank() == 0) {
         spdlog::warn("stopped by a signal after step {}: checkpoint {} saved; run the same command{} "

@@ -24,6 +24,10 @@ namespace CLI {
 class App;
 }
 
+namespace mole::dist {
+class Communicator;
+}
+
 namespace mole::launch {
 
 // Everything a run needs to continue exactly where it was (one rank's share): the step counters,
@@ -40,7 +44,10 @@ struct TrainerState {
 class Trainer {
  public:
   // `grid` is the process grid of a multi-rank run (mpirun); null for one process.
-  explicit Trainer(Config config, std::shared_ptr<parallel::ProcessGrid> grid = nullptr);
+  // `host`: a communicator over the same ranks whose collectives run on the host (MPI's world),
+  // for the background checkpoint saves; null: the grid's world, when that is not NCCL.
+  explicit Trainer(Config config, std::shared_ptr<parallel::ProcessGrid> grid = nullptr,
+                   std::shared_ptr<dist::Communicator> host = nullptr);
   ~Trainer();
   // The remaining steps, logging, evaluation, and the adapter written at the end.
   TrainSummary run();

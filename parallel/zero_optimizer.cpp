@@ -8,13 +8,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <condition_variable>
-#include <deque>
 #include <exception>
 #include <functional>
-#include <mutex>
-#include <thread>
+#include <memory>
 
+#include "dist/collective_stream.h"
 #include "dist/communicator.h"
 #include "kernels/check.h"
 #include "parallel/process_grid.h"
@@ -63,7 +61,7 @@ struct Segment {
 struct Group {
   FlatLayout layout;
   dist::Communicator* comm = nullptr;  // the replica group: all-gathers, stage 1's all-reduces
-  size_t stream = 0;                   // stage 2: the GradientStream that reduces it
+  size_t stream = 0;                   // stage 2: the ReduceStream that reduces it
   std::vector<at::Tensor> tensors;     // the slots' tensors, in layout order
   std::vector<Segment> segments;
   // The reduced gradient of the slice: after reduce_gradients(); at stage 2 the sum of the
@@ -127,100 +125,12 @@ at::Tensor reduce_slice(const Group& g, const std::vector<at::Tensor>& grads, di
   return out.to(g.tensors.front().device());
 }
 
-// Stage 2: the reduce-scatters of one replica group's buckets, on a thread and a communicator of
-// their own, in the order they are submitted.
-class GradientStream {
- public:
-  GradientStream(std::unique_ptr<dist::Communicator> comm, std::vector<size_t> order)
-      : comm_(std::move(comm)), order_(std::move(order)), thread_([this] { run(); }) {}
-  // Finishes the bucket in flight (its collective is bounded by the communicator's timeout) and
-  // drops the queued ones: only an error leaves any, and the peers are not waiting for them.
-  ~GradientStream() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-
-  // The buckets of this group in the order every rank reduces them, and the next one due.
-  const std::vector<size_t>& order() const { return order_; }
-  size_t next = 0;
-
-  // Queues the reduce-scatter of `group` with gradients `grads` (the group outlives the stream).
-  void submit(Group* group, std::vector<at::Tensor> grads) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      queue_.push_back({group, std::move(grads)});
-      ++pending_;
-    }
-    cv_.notify_all();
-  }
-
-  // Waits until every submitted bucket is reduced; rethrows the first error of the thread.
-  void drain() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    cv_.wait(lock, [this] { return pending_ == 0; });
-    if (error_) {
-      std::exception_ptr e = error_;
-      error_ = nullptr;
-      std::rethrow_exception(e);
-    }
-  }
-
- private:
-  struct Job {
-    Group* group;
-    std::vector<at::Tensor> grads;
-  };
-
-  void run() {
-    at::NoGradGuard no_grad;
-    for (;;) {
-      Job job;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
-        if (stop_) return;
-        job = std::move(queue_.front());
-        queue_.pop_front();
-      }
-      // After an error the rest is dropped: drain() reports the error.
-      bool failed;
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        failed = error_ != nullptr;
-      }
-      if (!failed) {
-        try {
-          Group& g = *job.group;
-          at::Tensor mine = reduce_slice(g, job.grads, *comm_, /*scatter=*/true);
-          job.grads.clear();  // free the gradients before waiting for the next bucket
-          if (g.grad_slice.defined()) g.grad_slice.add_(mine);
-          else g.grad_slice = mine;
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(mutex_);
-          error_ = std::current_exception();
-        }
-      }
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        --pending_;
-      }
-      cv_.notify_all();
-    }
-  }
-
-  std::unique_ptr<dist::Communicator> comm_;
-  std::vector<size_t> order_;
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  std::deque<Job> queue_;
-  int64_t pending_ = 0;
-  bool stop_ = false;
-  std::exception_ptr error_;
-  std::thread thread_;  // last: started once the rest is built
+// Stage 2: the reduce-scatters of one replica group's buckets, on a stream of their own, in one
+// fixed order on every rank.
+struct ReduceStream {
+  std::unique_ptr<dist::CollectiveStream> stream;
+  std::vector<size_t> order;  // the group's buckets (indices into groups_), last layers first
+  size_t next = 0;            // the next one due in this backward pass
 };
 
 // Runs `fn` after a leaf's gradient accumulator has written its gradient.
@@ -291,8 +201,9 @@ class ZeroAdamW final : public Optimizer {
         // Backward produces the last layers' gradients first.
         std::vector<size_t> order;
         for (size_t i = groups_.size(); i-- > first_group;) order.push_back(i);
-        streams_.push_back(std::make_unique<GradientStream>(
-            comm.split(0, comm.rank(), comm.name() + "-grads", comm.timeout_s()), std::move(order)));
+        streams_.push_back({std::make_unique<dist::CollectiveStream>(
+                                comm.split(0, comm.rank(), comm.name() + "-grads", comm.timeout_s())),
+                            std::move(order)});
       }
     }
     if (stage_ == 2) {
@@ -314,13 +225,13 @@ class ZeroAdamW final : public Optimizer {
     if (stage_ != 2) return;
     // Every bucket not sent in this pass, in the fixed order: gradients written without the hooks
     // (set by hand) are taken now, missing ones are zeros.
-    for (auto& stream : streams_) {
-      for (; stream->next < stream->order().size(); ++stream->next) {
-        Group& g = groups_[stream->order()[stream->next]];
+    for (ReduceStream& stream : streams_) {
+      for (; stream.next < stream.order.size(); ++stream.next) {
+        Group& g = groups_[stream.order[stream.next]];
         for (size_t i = 0; i < g.tensors.size(); ++i) take_gradient(g, i);
         send(g);
       }
-      stream->next = 0;
+      stream.next = 0;
     }
     for (Group& g : groups_) g.sent = false;
     pass_open_ = false;
@@ -384,7 +295,7 @@ class ZeroAdamW final : public Optimizer {
 
   void zero_grad() override {
     drain();
-    for (auto& stream : streams_) stream->next = 0;
+    for (ReduceStream& stream : streams_) stream.next = 0;
     pass_open_ = false;
     passes_ = 0;
     for (Group& g : groups_) {
@@ -511,9 +422,9 @@ class ZeroAdamW final : public Optimizer {
   // error.
   void drain() {
     std::exception_ptr first;
-    for (auto& stream : streams_) {
+    for (ReduceStream& stream : streams_) {
       try {
-        stream->drain();
+        stream.stream->drain();
       } catch (...) {
         if (!first) first = std::current_exception();
       }
@@ -535,7 +446,13 @@ class ZeroAdamW final : public Optimizer {
   }
 
   void send(Group& g) {
-    streams_[g.stream]->submit(&g, std::move(g.held));
+    // The group outlives the stream; the gradients are freed as soon as the bucket is reduced.
+    streams_[g.stream].stream->submit([group = &g, grads = std::move(g.held)](dist::Communicator* comm) mutable {
+      at::Tensor mine = reduce_slice(*group, grads, *comm, /*scatter=*/true);
+      grads.clear();
+      if (group->grad_slice.defined()) group->grad_slice.add_(mine);
+      else group->grad_slice = mine;
+    });
     g.held.assign(g.tensors.size(), at::Tensor());
     g.ready = 0;
     g.sent = true;
@@ -553,9 +470,9 @@ class ZeroAdamW final : public Optimizer {
                "' arrived after its bucket was reduce-scattered in this backward pass; call "
                "Optimizer::end_backward() after each backward()");
     take_gradient(g, ti);
-    GradientStream& stream = *streams_[g.stream];
-    while (stream.next < stream.order().size()) {
-      Group& due = groups_[stream.order()[stream.next]];
+    ReduceStream& stream = streams_[g.stream];
+    while (stream.next < stream.order.size()) {
+      Group& due = groups_[stream.order[stream.next]];
       if (due.ready < due.tensors.size()) break;
       send(due);
       ++stream.next;
@@ -586,7 +503,7 @@ class ZeroAdamW final : public Optimizer {
   AdamWOptions options_;
   int stage_;
   std::vector<Group> groups_;  // not resized after construction: the streams point into it
-  std::vector<std::unique_ptr<GradientStream>> streams_;
+  std::vector<ReduceStream> streams_;
   std::vector<std::pair<std::shared_ptr<torch::autograd::Node>, uintptr_t>> hooks_;
   bool pass_open_ = false;  // a hook ran since the last end_backward()
   int64_t passes_ = 0;      // end_backward() calls since the last reduce_gradients()

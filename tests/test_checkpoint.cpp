@@ -191,17 +191,22 @@ TEST_F(CheckpointRuns, KilledRankResumesBitIdentical) {
 }
 
 // checkpoint.async on 2 ranks (DP 2, ZeRO 1): the step-6 checkpoint, written on the background
-// thread while training went on, holds exactly what the synchronous save of the same run holds;
-// rank 1 dies right after it is committed (training is then at step 7 or 8), and the same command
-// continues from it bit-identical to the uninterrupted synchronous run.
+// thread while training went on (its write held back by a test hook), holds exactly what the
+// synchronous save of the same run holds; rank 1 dies right after it is committed (training is
+// then some steps further), and the same command continues from it bit-identical to the
+// uninterrupted synchronous run.
 TEST_F(CheckpointRuns, AsyncSaveEqualsSyncSaveAndResumes) {
   const std::string ref = dir_.file("ref"), run = dir_.file("run");
   const std::string layout = " --set parallel.zero=1 --set checkpoint.every=3";
   ASSERT_EQ(train(2, ref, layout), 0) << log_of(ref);
   const std::string async = layout + " --set checkpoint.async=true";
-  EXPECT_NE(train(2, run, async, "MOLE_TEST_KILL_AFTER_CHECKPOINT=1:6"), 0) << log_of(run);
+  // Each background write waits 1.5 s first, so training has gone on (a step takes about 0.2 s)
+  // by the time the state is written: what it writes is the copy taken at the step.
+  EXPECT_NE(train(2, run, async, "MOLE_TEST_ASYNC_SAVE_DELAY_MS=1500 MOLE_TEST_KILL_AFTER_CHECKPOINT=1:6"), 0)
+      << log_of(run);
   EXPECT_NE(log_of(run).find("written in the background"), std::string::npos) << log_of(run);
   EXPECT_EQ(latest(run), "step-000006");
+  EXPECT_GT(test::metrics_lines(run), 7u) << "training went on while the step-6 checkpoint was written";
   for (int rank : {0, 1}) {
     const std::string file = "/ckpt/step-000006/" + ckpt::rank_file_name(rank);
     expect_same_tensors(ref + file, run + file);
@@ -350,24 +355,58 @@ TEST_F(CheckpointRuns, CrashBeforeManifestKeepsThePreviousCheckpoint) {
   EXPECT_EQ(left, (std::vector<std::string>{"latest", "step-000006", "step-000009"}));
 }
 
+// The processes whose parent is `parent` (field 4 of /proc/PID/stat, after the parenthesised
+// command name): mpirun's ranks on one machine.
+std::vector<pid_t> children_of(pid_t parent) {
+  std::vector<pid_t> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator("/proc", ec)) {
+    const std::string pid = e.path().filename().string();
+    if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::string stat = test::read_bytes(e.path().string() + "/stat");
+    const size_t name_end = stat.rfind(')');
+    if (name_end == std::string::npos) continue;
+    std::istringstream fields(stat.substr(name_end + 1));
+    std::string state;
+    pid_t ppid = 0;
+    if (fields >> state >> ppid && ppid == parent) out.push_back(std::stoi(pid));
+  }
+  return out;
+}
+
 // Starts `mole train` of the demo on 2 ranks for (practically) ever, waits for 3 logged steps,
-// calls `stop` with mpirun's pid and returns the job's exit status (-1: it did not exit normally).
-int run_until_stopped(const std::string& run, const std::function<void(pid_t)>& stop) {
-  const std::string cmd = "OMP_NUM_THREADS=1 exec " + test::mpirun(2) + test::demo_train_args(run, 4) +
-                          " --set train.steps=100000 > " + run + ".log 2>&1";
+// calls `stop` with mpirun's pid and returns the job's exit status (-1: it did not exit normally
+// within two minutes). Whatever happens, the job does not outlive the call: its ranks (each in a
+// process group of its own) and mpirun are killed if still there.
+int run_until_stopped(const std::string& run, const std::function<void(pid_t)>& stop,
+                      const std::string& env = "", const std::string& extra = "") {
+  const std::string cmd = env + " OMP_NUM_THREADS=1 exec " + test::mpirun(2) + test::demo_train_args(run, 4) +
+                          " --set train.steps=100000" + extra + " > " + run + ".log 2>&1";
   const pid_t pid = fork();
   if (pid < 0) return -1;
   if (pid == 0) {
     execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
     _exit(127);
   }
-  // Wait for a few steps, then signal.
+  struct Reaper {
+    pid_t pid;
+    bool reaped = false;
+    ~Reaper() {
+      if (reaped) return;
+      for (pid_t rank : children_of(pid)) kill(rank, SIGKILL);
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+    }
+  } reaper{pid};
   for (int i = 0; i < 600 && test::metrics_lines(run) < 3; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   EXPECT_GE(test::metrics_lines(run), 3u) << test::read_bytes(run + ".log");
   stop(pid);
   int status = 0;
-  if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return -1;
-  return WEXITSTATUS(status);
+  for (int i = 0; i < 1200 && !reaper.reaped; ++i) {
+    if (waitpid(pid, &status, WNOHANG) == pid) reaper.reaped = true;
+    else std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return reaper.reaped && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
 // SIGUSR1 to mpirun (which forwards it to every rank, as a scheduler's signal reaches every
@@ -391,28 +430,22 @@ TEST_F(CheckpointRuns, SignalSavesACheckpointAndExits) {
 }
 
 // SIGTERM straight to every rank (what SLURM sends each task before preemption; mpirun is not
-// involved): the same checkpoint and exit 75, the ranks agreeing on the step to stop after.
+// involved), while a background save is in flight: the ranks agree on the step to stop after,
+// finish that save, checkpoint the step and exit with 75.
 TEST_F(CheckpointRuns, SigtermToEveryRankSavesACheckpointAndExits) {
   const std::string run = dir_.file("run");
   std::vector<pid_t> ranks;
-  const int status = run_until_stopped(run, [&](pid_t mpirun) {
-    // The ranks are mpirun's children on one machine: processes whose parent (field 4 of
-    // /proc/PID/stat, after the parenthesised command name) is mpirun.
-    for (const auto& e : fs::directory_iterator("/proc")) {
-      const std::string pid = e.path().filename().string();
-      if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
-      const std::string stat = test::read_bytes(e.path().string() + "/stat");
-      const size_t name_end = stat.rfind(')');
-      if (name_end == std::string::npos) continue;
-      std::istringstream fields(stat.substr(name_end + 1));
-      std::string state;
-      pid_t parent = 0;
-      if (fields >> state >> parent && parent == mpirun) ranks.push_back(std::stoi(pid));
-    }
-    for (pid_t rank : ranks) kill(rank, SIGTERM);
-  });
+  // Background saves every 2 steps, each written 1 s late: the signal comes while one is in flight.
+  const int status = run_until_stopped(
+      run,
+      [&](pid_t mpirun) {
+        ranks = children_of(mpirun);  // the ranks, on one machine
+        for (pid_t rank : ranks) kill(rank, SIGTERM);
+      },
+      "MOLE_TEST_ASYNC_SAVE_DELAY_MS=1000", " --set checkpoint.every=2 --set checkpoint.async=true");
   EXPECT_EQ(ranks.size(), 2u);
   EXPECT_EQ(status, 75) << log_of(run);
+  EXPECT_NE(log_of(run).find("written in the background"), std::string::npos) << log_of(run);
   EXPECT_NE(log_of(run).find("stopped by a signal after step"), std::string::npos) << log_of(run);
   const std::string name = latest(run);
   ASSERT_FALSE(name.empty()) << log_of(run);
@@ -421,8 +454,8 @@ TEST_F(CheckpointRuns, SigtermToEveryRankSavesACheckpointAndExits) {
 }
 
 // checkpoint.dir that cannot be written is refused before training; a disk that fills during a
-// save (an 8 MiB tmpfs in a private mount namespace) ends the run with an error that says so and
-// leaves the previous checkpoint whole and loadable.
+// save (an 8 MiB tmpfs in a private mount namespace), synchronous or in the background, ends the
+// run with an error that says so and leaves the previous checkpoint whole and loadable.
 TEST_F(CheckpointRuns, UnwritableFolderAndFullDisk) {
   const std::string file = dir_.file("a-file");
   test::write_bytes(file, "x");
@@ -435,25 +468,33 @@ TEST_F(CheckpointRuns, UnwritableFolderAndFullDisk) {
   if (test::run_command("unshare --user --map-root-user --mount true").exit_code != 0) {
     GTEST_SKIP() << "this machine cannot make a private tmpfs (unshare --user --mount failed)";
   }
-  const std::string disk = dir_.file("disk"), after = dir_.file("after"), run = dir_.file("full");
-  fs::create_directory(disk);
-  const std::string script = dir_.file("full.sh");
-  std::ofstream(script) << "mount -t tmpfs -o size=8m tmpfs " << disk << " || exit 99\n"
-                        << "OMP_NUM_THREADS=1 " << test::demo_train_args(run, 8)
-                        << " --set train.steps=12 --set checkpoint.every=3 --set checkpoint.keep=1"
-                        << " --set checkpoint.dir=" << disk << "/ckpt > " << run << ".log 2>&1"
-                        << "\nrc=$?\ncp -a " << disk << "/ckpt " << after << "\nexit $rc\n";
-  const test::CommandResult result = test::run_command("unshare --user --map-root-user --mount bash " + script);
-  ASSERT_NE(result.exit_code, 99) << result.output;
-  EXPECT_EQ(result.exit_code, 1) << log_of(run);
-  EXPECT_NE(log_of(run).find("not saved"), std::string::npos) << log_of(run);
-  EXPECT_NE(log_of(run).find("No space left on device"), std::string::npos) << log_of(run);
-  EXPECT_NE(log_of(run).find("the previous checkpoint is intact"), std::string::npos) << log_of(run);
-  std::string name = test::read_bytes(after + "/latest");
-  name.pop_back();
-  ckpt::StoredCheckpoint stored(after + "/" + name);
-  EXPECT_GT(stored.verify_all(), 0u);
-  EXPECT_GE(stored.manifest().step(), 3);
+  // Synchronous and background saves alike.
+  for (const std::string mode : {"sync", "async"}) {
+    SCOPED_TRACE(mode);
+    const std::string disk = dir_.file("disk-" + mode), after = dir_.file("after-" + mode),
+                      run = dir_.file("full-" + mode);
+    fs::create_directory(disk);
+    const std::string script = dir_.file("full-" + mode + ".sh");
+    std::ofstream(script) << "mount -t tmpfs -o size=8m tmpfs " << disk << " || exit 99\n"
+                          << "OMP_NUM_THREADS=1 " << test::demo_train_args(run, 8)
+                          << " --set train.steps=12 --set checkpoint.every=3 --set checkpoint.keep=1"
+                          << " --set checkpoint.async=" << (mode == "async" ? "true" : "false")
+                          << " --set checkpoint.dir=" << disk << "/ckpt > " << run << ".log 2>&1"
+                          << "\nrc=$?\ncp -a " << disk << "/ckpt " << after << "\nexit $rc\n";
+    const test::CommandResult result = test::run_command("unshare --user --map-root-user --mount bash " + script);
+    ASSERT_NE(result.exit_code, 99) << result.output;
+    EXPECT_EQ(result.exit_code, 1) << log_of(run);
+    EXPECT_NE(log_of(run).find("not saved"), std::string::npos) << log_of(run);
+    EXPECT_NE(log_of(run).find("No space left on device"), std::string::npos) << log_of(run);
+    EXPECT_NE(log_of(run).find("the previous checkpoint is intact"), std::string::npos) << log_of(run);
+    EXPECT_FALSE(fs::exists(run + "/adapter")) << "a run whose save failed does not finish";
+    std::string name = test::read_bytes(after + "/latest");
+    ASSERT_FALSE(name.empty()) << log_of(run);
+    name.pop_back();
+    ckpt::StoredCheckpoint stored(after + "/" + name);
+    EXPECT_GT(stored.verify_all(), 0u);
+    EXPECT_GE(stored.manifest().step(), 3);
+  }
 }
 
 // `mole inspect` on a checkpoint.dir (its latest), a checkpoint with --verify, the adapter and a
