@@ -135,8 +135,20 @@ void save_hf_model(moe::CausalLM& model, const std::string& dir,
   model.for_each_base_parameter([&](const std::string& name, const at::Tensor& t) {
     tensors.emplace_back(name, t.detach());
   });
-  json config = {{"architectures", {"LlamaForCausalLM"}},
-                 {"model_type", "llama"},
+  // The architecture's own model_type, so that transformers builds the same model (Qwen2's q, k,
+  // v biases, Mistral's window).
+  const std::string& type = c.model_type;
+  MOLE_CHECK(type == "llama" || type == "mistral" || type == "qwen2", "save_hf_model: model_type '", type,
+             "' cannot be written (llama, mistral, qwen2)");
+  MOLE_CHECK(type != "llama" || c.qkv_bias == c.o_bias,
+             "save_hf_model: a llama config has one attention_bias for q, k, v and o");
+  MOLE_CHECK(type != "qwen2" || (c.qkv_bias && !c.o_bias), "save_hf_model: qwen2 has biases on q, k, v only");
+  MOLE_CHECK(type == "mistral" || !c.sliding_window, "save_hf_model: only mistral configs carry a sliding window");
+  MOLE_CHECK(type == "llama" || !c.mlp_bias, "save_hf_model: only llama configs carry mlp_bias");
+  const char* architecture = type == "llama" ? "LlamaForCausalLM" : type == "mistral" ? "MistralForCausalLM"
+                                                                                      : "Qwen2ForCausalLM";
+  json config = {{"architectures", {architecture}},
+                 {"model_type", type},
                  {"vocab_size", c.vocab_size},
                  {"hidden_size", c.hidden_size},
                  {"intermediate_size", c.intermediate_size},
@@ -147,11 +159,17 @@ void save_hf_model(moe::CausalLM& model, const std::string& dir,
                  {"rms_norm_eps", c.rms_norm_eps},
                  {"rope_theta", c.rope.theta},
                  {"hidden_act", "silu"},
-                 {"attention_bias", c.qkv_bias},
-                 {"mlp_bias", c.mlp_bias},
                  {"tie_word_embeddings", c.tie_word_embeddings},
                  {"max_position_embeddings", c.max_position_embeddings},
                  {"torch_dtype", model.options().dtype() == at::kBFloat16 ? "bfloat16" : "float32"}};
+  if (type == "llama") {
+    config["attention_bias"] = c.qkv_bias;
+    config["mlp_bias"] = c.mlp_bias;
+  } else if (type == "mistral") {
+    if (c.sliding_window) config["sliding_window"] = *c.sliding_window;
+  } else {
+    config["use_sliding_window"] = false;
+  }
   write_files_atomic(dir, [&](const std::string& out) {
     st::save_file(out + "/model.safetensors", tensors, {{"format", "pt"}});
     write_json_file(out + "/config.json", config);

@@ -15,6 +15,7 @@
 
 #include "kernels/check.h"
 #include "moe/allocation.h"
+#include "moe/model_presets.h"
 
 namespace mole::launch {
 namespace {
@@ -280,6 +281,23 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
 
   Section model = top.child("model");
   model.get("base", c.model.base);
+  check(!c.model.base.empty(), model, "base", "must name a Hugging Face folder or synthetic:<preset>");
+  model.get("layers", c.model.layers);
+  check(c.model.layers >= 0, model, "layers", "must be 0 (all) or the number of decoder layers to keep");
+  if (c.model.base.rfind("synthetic:", 0) == 0) {
+    const std::string preset = c.model.base.substr(10);
+    const std::vector<std::string>& names = moe::model_preset_names();
+    std::string known;
+    for (const std::string& n : names) known += (known.empty() ? "synthetic:" : ", synthetic:") + n;
+    check(std::find(names.begin(), names.end(), preset) != names.end(), model, "base",
+          "names an unknown preset '" + preset + "' (known: " + known + ")");
+    const int64_t preset_layers = moe::model_preset(preset).num_layers;
+    check(c.model.layers <= preset_layers, model, "layers",
+          "is " + std::to_string(c.model.layers) + " but " + c.model.base + " has " + std::to_string(preset_layers) +
+              " decoder layers");
+  } else {
+    check(c.model.layers == 0, model, "layers", "applies to synthetic presets only (model.base synthetic:<preset>)");
+  }
   model.choice("dtype", c.model.dtype, {"fp32", "bf16", "fp64"});
   model.choice("device", c.model.device, {"cpu", "cuda"});
   model.finish();
@@ -389,7 +407,8 @@ std::string to_yaml(const Config& c) {
   YAML::Emitter out;
   out << YAML::BeginMap << YAML::Key << "name" << YAML::Value << c.name;
   out << YAML::Key << "model" << YAML::Value << YAML::BeginMap << YAML::Key << "base" << YAML::Value
-      << c.model.base << YAML::Key << "dtype" << YAML::Value << c.model.dtype << YAML::Key
+      << c.model.base << YAML::Key << "layers" << YAML::Value << c.model.layers << YAML::Key << "dtype"
+      << YAML::Value << c.model.dtype << YAML::Key
       << "device" << YAML::Value << c.model.device << YAML::EndMap;
   const AdapterSection& a = c.adapter;
   out << YAML::Key << "adapter" << YAML::Value << YAML::BeginMap;

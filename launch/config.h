@@ -10,7 +10,11 @@
 namespace mole::launch {
 
 struct ModelSection {
-  std::string base = "synthetic:tiny";  // Hugging Face folder or synthetic:tiny
+  // A Hugging Face folder, or synthetic:<preset>: a random-initialised model drawn from train.seed
+  // in-process (tiny, the demo's, sized to the tokenizer; or the real shapes of tinyllama,
+  // llama-2-7b, llama-3-8b, llama-2-70b, llama-3-70b, mistral-7b, qwen2-7b).
+  std::string base = "synthetic:tiny";
+  int64_t layers = 0;  // synthetic presets: keep only the first N decoder layers (0: all)
   std::string dtype = "fp32";           // fp32 | bf16 (CUDA) | fp64 (CPU, exactness checks)
   std::string device = "cpu";           // cpu | cuda
 };

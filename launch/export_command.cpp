@@ -23,7 +23,6 @@
 #include "launch/data.h"
 #include "launch/run_parts.h"
 #include "moe/adapter.h"
-#include "moe/model_presets.h"
 
 namespace mole::launch {
 
@@ -63,7 +62,7 @@ void export_checkpoint(const std::string& folder, const ExportOptions& o) {
   MOLE_CHECK(c.adapter.init_from.empty(), "checkpoint '", folder, "' is of a run that started from adapter.init_from '",
              c.adapter.init_from, "'; export from such a checkpoint is not supported: resume it with `mole train` "
              "(checkpoint.resume) and export the run's adapter");
-  const bool synthetic = c.model.base == "synthetic:tiny";
+  const bool synthetic = c.model.base.rfind("synthetic:", 0) == 0;
   std::unique_ptr<moe::CausalLM> synthetic_model;
   std::string tokenizer_spec;
   int64_t num_layers = 0;
@@ -72,9 +71,8 @@ void export_checkpoint(const std::string& folder, const ExportOptions& o) {
     tokenizer_spec = c.data.tokenizer.empty() ? "byte" : c.data.tokenizer;
     const std::unique_ptr<Tokenizer> tokenizer = make_tokenizer(tokenizer_spec);
     // The same draw as the run's (build_run): the base first, from a generator seeded by train.seed.
-    synthetic_model = std::make_unique<moe::CausalLM>(moe::tiny_model_config(tokenizer->vocab_size()),
-                                                      model_options(c).device(at::kCPU));
-    synthetic_model->init_base_random(at::make_generator<at::CPUGeneratorImpl>(c.train.seed));
+    synthetic_model = synthetic_base_model(c, tokenizer->vocab_size(), model_options(c).device(at::kCPU),
+                                           at::make_generator<at::CPUGeneratorImpl>(c.train.seed));
     MOLE_CHECK(base_fingerprint(*synthetic_model, c.train.seed) == m.base_fingerprint(), "checkpoint '",
                folder, "': its synthetic base model, drawn again from train.seed ", c.train.seed,
                ", does not match the fingerprint it records (tokenizer '", tokenizer_spec, "')");

@@ -154,8 +154,21 @@ RunParts::RunParts(RunParts&&) noexcept = default;
 
 int RunParts::rank() const { return grid ? grid->rank() : 0; }
 int RunParts::world() const { return grid ? grid->dims().world() : 1; }
-bool RunParts::synthetic_base() const { return config.model.base == "synthetic:tiny"; }
+bool RunParts::synthetic_base() const { return config.model.base.rfind("synthetic:", 0) == 0; }
 const moe::Dispatcher* RunParts::moe_dispatcher() const { return dispatcher.get(); }
+
+std::unique_ptr<moe::CausalLM> synthetic_base_model(const Config& c, int64_t tokenizer_vocab,
+                                                    const at::TensorOptions& options, const at::Generator& gen) {
+  MOLE_CHECK(c.model.base.rfind("synthetic:", 0) == 0, "'", c.model.base, "' is not a synthetic base");
+  const std::string preset = c.model.base.substr(10);
+  moe::ModelConfig shape = preset == "tiny" ? moe::tiny_model_config(tokenizer_vocab) : moe::model_preset(preset);
+  MOLE_CHECK(c.model.layers <= shape.num_layers, "model.layers is ", c.model.layers, " but ", c.model.base, " has ",
+             shape.num_layers, " decoder layers");
+  if (c.model.layers > 0) shape.num_layers = c.model.layers;
+  auto model = std::make_unique<moe::CausalLM>(shape, options);
+  model->init_base_random(gen);
+  return model;
+}
 
 uint64_t forward_seed(uint64_t seed, int rank) {
   // splitmix64 of (seed, rank + 1): well mixed, never the initialisation's seed itself.
@@ -183,8 +196,7 @@ RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid) {
 
   const at::TensorOptions options = model_options(c);
   if (run.synthetic_base()) {
-    run.model = std::make_unique<moe::CausalLM>(moe::tiny_model_config(run.tokenizer->vocab_size()), options);
-    run.model->init_base_random(init_gen);
+    run.model = synthetic_base_model(c, run.tokenizer->vocab_size(), options, init_gen);
   } else {
     run.model = ckpt::load_model(c.model.base, options);
   }

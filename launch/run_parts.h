@@ -55,6 +55,12 @@ struct RunParts {
 // parts may need it).
 RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid);
 
+// model.base synthetic:<preset>: the preset's architecture (tiny: sized to `tokenizer_vocab`),
+// cut to model.layers, its weights drawn from `gen` (a generator seeded by train.seed, used for
+// nothing before). Throws naming the preset when it is unknown.
+std::unique_ptr<moe::CausalLM> synthetic_base_model(const Config& c, int64_t tokenizer_vocab,
+                                                    const at::TensorOptions& options, const at::Generator& gen);
+
 // The adapter `c.adapter` describes for a model of `num_layers` layers (the allocation of experts
 // resolved, router and auxiliary-loss options by method).
 moe::AdapterSpec adapter_spec(const Config& c, int64_t num_layers);

@@ -98,7 +98,7 @@ int run_train(const TrainOptions& options) {
       spdlog::info("eval: loss {:.4f}, next-token accuracy {:.3f}", s.eval_loss, s.eval_accuracy);
     }
     spdlog::info("run folder {}: config.yaml, metrics.jsonl, events.out.tfevents.*, adapter/{}",
-                 s.run_dir, trainer->config().model.base == "synthetic:tiny" ? ", base/" : "");
+                 s.run_dir, trainer->config().model.base.rfind("synthetic:", 0) == 0 ? ", base/" : "");
     return 0;
   } catch (const std::exception& e) {
     if (distributed.runtime) {

@@ -31,7 +31,8 @@ ModelConfig tiny_model_config(int64_t vocab) {
 }
 
 const std::vector<std::string>& model_preset_names() {
-  static const std::vector<std::string> names = {"tiny", "tinyllama", "llama-2-7b", "llama-3-8b"};
+  static const std::vector<std::string> names = {"tiny",        "tinyllama",   "llama-2-7b", "llama-3-8b",
+                                                 "llama-2-70b", "llama-3-70b", "mistral-7b", "qwen2-7b"};
   return names;
 }
 
@@ -40,6 +41,21 @@ ModelConfig model_preset(const std::string& name) {
   if (name == "tinyllama") return llama(32000, 2048, 5632, 22, 32, 4, 10000.0, 2048);
   if (name == "llama-2-7b") return llama(32000, 4096, 11008, 32, 32, 32, 10000.0, 4096);
   if (name == "llama-3-8b") return llama(128256, 4096, 14336, 32, 32, 8, 500000.0, 8192);
+  if (name == "llama-2-70b") return llama(32000, 8192, 28672, 80, 64, 8, 10000.0, 4096);
+  if (name == "llama-3-70b") return llama(128256, 8192, 28672, 80, 64, 8, 500000.0, 8192);
+  if (name == "mistral-7b") {
+    // Mistral-7B-v0.3 (no sliding window since v0.2).
+    ModelConfig c = llama(32768, 4096, 14336, 32, 32, 8, 1000000.0, 32768);
+    c.model_type = "mistral";
+    return c;
+  }
+  if (name == "qwen2-7b") {
+    ModelConfig c = llama(152064, 3584, 18944, 28, 28, 4, 1000000.0, 32768);
+    c.model_type = "qwen2";
+    c.rms_norm_eps = 1e-6;
+    c.qkv_bias = true;
+    return c;
+  }
   std::string known;
   for (const std::string& n : model_preset_names()) known += (known.empty() ? "" : ", ") + n;
   MOLE_FAIL("unknown model shape '", name, "' (known: ", known, ")");

@@ -50,7 +50,9 @@ TEST(ModelPresets, ShapesGiveThePublishedParameterCounts) {
   // Parameter counts of the Hugging Face checkpoints (embeddings, norms and LM head included).
   // The models are declared on the meta device: shapes only, no memory.
   const std::pair<const char*, int64_t> published[] = {
-      {"tinyllama", 1100048384}, {"llama-2-7b", 6738415616}, {"llama-3-8b", 8030261248}};
+      {"tinyllama", 1100048384},    {"llama-2-7b", 6738415616},  {"llama-3-8b", 8030261248},
+      {"llama-2-70b", 68976648192}, {"llama-3-70b", 70553706496}, {"mistral-7b", 7248023552},
+      {"qwen2-7b", 7615616512}};
   for (const auto& [name, count] : published) {
     const moe::ModelConfig config = moe::model_preset(name);
     moe::CausalLM model(config, at::TensorOptions(at::kFloat).device(at::kMeta));

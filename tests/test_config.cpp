@@ -59,6 +59,27 @@ TEST(Config, ExpertsAsCountListOrPattern) {
             std::string::npos);
 }
 
+// model.base synthetic:<preset> and model.layers: unknown presets listed, too many layers, and
+// layers on a Hugging Face folder refused by key.
+TEST(Config, SyntheticPresetsAndLayers) {
+  const launch::Config c = launch::parse_config("model: {base: 'synthetic:llama-3-70b', layers: 2}", "p");
+  EXPECT_EQ(c.model.base, "synthetic:llama-3-70b");
+  EXPECT_EQ(c.model.layers, 2);
+  EXPECT_NE(error_of("model: {base: 'synthetic:llama-9'}").find(
+                "'model.base' names an unknown preset 'llama-9' (known: synthetic:tiny, synthetic:tinyllama, "
+                "synthetic:llama-2-7b, synthetic:llama-3-8b, synthetic:llama-2-70b, synthetic:llama-3-70b, "
+                "synthetic:mistral-7b, synthetic:qwen2-7b)"),
+            std::string::npos)
+      << error_of("model: {base: 'synthetic:llama-9'}");
+  EXPECT_NE(error_of("model: {base: 'synthetic:qwen2-7b', layers: 29}")
+                .find("'model.layers' is 29 but synthetic:qwen2-7b has 28 decoder layers"),
+            std::string::npos);
+  EXPECT_NE(error_of("model: {base: some/folder, layers: 2}")
+                .find("'model.layers' applies to synthetic presets only"),
+            std::string::npos);
+  EXPECT_NE(error_of("model: {layers: -1}").find("'model.layers' must be 0 (all)"), std::string::npos);
+}
+
 TEST(Config, ErrorsNameTheKeyAndTheAllowedValues) {
   EXPECT_NE(error_of("adapter: {rank: 8}").find("unknown key 'adapter.rank'"), std::string::npos);
   EXPECT_NE(error_of("adapter: {rank: 8}").find("r, alpha"), std::string::npos);

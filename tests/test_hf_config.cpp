@@ -1,12 +1,21 @@
 // Hugging Face config.json parsing: the fixture, older and newer rope layouts, model types,
 // and the errors for unknown types, missing fields and wrong types.
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
 
+#include "checkpoint/adapter_export.h"
 #include "checkpoint/hf_config.h"
+#include "checkpoint/model_loader.h"
 #include "kernels/check.h"
+#include "moe/llama.h"
+#include "moe/model_presets.h"
 #include "moe/rope.h"
 #include "tests/test_util.h"
 
@@ -71,6 +80,41 @@ TEST(HfConfig, Qwen2HasQkvBiasAndMistralSlidingWindow) {
   moe::ModelConfig m2 =
       ckpt::parse_hf_config(llama_json(R"("sliding_window": null)", "mistral"), "cfg.json");
   EXPECT_FALSE(m2.sliding_window.has_value());
+}
+
+// save_hf_model writes each architecture's own config.json (Qwen2's q/k/v biases, Mistral's
+// window, LLaMA's attention_bias): loading the folder back gives the same configuration and the
+// same tensors.
+TEST(HfModelWrite, EachArchitectureRoundTrips) {
+  test::TempDir dir;
+  for (const std::string type : {"llama", "qwen2", "mistral"}) {
+    moe::ModelConfig c = moe::tiny_model_config(64);
+    c.model_type = type;
+    if (type == "qwen2") c.qkv_bias = true;
+    if (type == "mistral") c.sliding_window = 16;
+    moe::CausalLM model(c, at::TensorOptions(at::kFloat));
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(3);
+    model.init_base_random(gen);
+    ckpt::save_hf_model(model, dir.file(type));
+    const moe::ModelConfig back = ckpt::load_hf_config(dir.file(type) + "/config.json");
+    EXPECT_EQ(back.model_type, type);
+    EXPECT_EQ(back.qkv_bias, c.qkv_bias) << type;
+    EXPECT_EQ(back.o_bias, c.o_bias) << type;
+    EXPECT_EQ(back.sliding_window, c.sliding_window) << type;
+    EXPECT_EQ(back.num_layers, c.num_layers);
+    const std::unique_ptr<moe::CausalLM> loaded = ckpt::load_model(dir.file(type), at::TensorOptions(at::kFloat));
+    std::vector<std::pair<std::string, at::Tensor>> a, b;
+    model.for_each_base_parameter([&](const std::string& n, const at::Tensor& t) { a.emplace_back(n, t); });
+    loaded->for_each_base_parameter([&](const std::string& n, const at::Tensor& t) { b.emplace_back(n, t); });
+    ASSERT_EQ(a.size(), b.size()) << type;
+    bool has_bias = false;
+    for (size_t i = 0; i < a.size(); ++i) {
+      EXPECT_EQ(a[i].first, b[i].first);
+      EXPECT_TRUE(at::equal(a[i].second, b[i].second)) << a[i].first;
+      has_bias = has_bias || a[i].first.find("q_proj.bias") != std::string::npos;
+    }
+    EXPECT_EQ(has_bias, type == "qwen2");
+  }
 }
 
 TEST(HfConfig, Llama3RopeScalingInBothLayouts) {

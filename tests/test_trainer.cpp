@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "checkpoint/hf_config.h"
 #include "checkpoint/safetensors.h"
 #include "kernels/check.h"
 #include "launch/metrics_log.h"
@@ -34,6 +35,25 @@ launch::Config small_config(const std::string& dir, const std::string& extra = "
 
 launch::Config with(launch::Config c, const std::vector<std::string>& sets) {
   return launch::parse_config(launch::to_yaml(c), "test.yaml", sets);
+}
+
+// model.base synthetic:<preset> with model.layers: the preset's real shapes (TinyLlama-1.1B's
+// here) cut to the first layer, drawn from the seed; a step trains, and the base written beside
+// the adapter is that model.
+TEST(Trainer, SyntheticPresetWithFewerLayers) {
+  test::TempDir dir;
+  launch::Trainer t(with(small_config(dir.file("run")),
+                         {"model.base=synthetic:tinyllama", "model.layers=1", "train.steps=1", "data.seq_len=16",
+                          "train.micro_batch=1", "train.global_batch=1"}));
+  EXPECT_EQ(t.model().num_layers(), 1);
+  EXPECT_EQ(t.model().config().hidden_size, 2048);
+  EXPECT_EQ(t.model().config().vocab_size, 32000);
+  const launch::TrainSummary s = t.run();
+  EXPECT_TRUE(std::isfinite(s.last_loss));
+  const moe::ModelConfig written = ckpt::load_hf_config(dir.file("run") + "/base/config.json");
+  EXPECT_EQ(written.num_layers, 1);
+  EXPECT_EQ(written.hidden_size, 2048);
+  EXPECT_EQ(written.num_kv_heads, 4);
 }
 
 TEST(Trainer, AccumulationMatchesOneLargeMicroBatch) {
