@@ -76,7 +76,11 @@ std::vector<ckpt::PieceData> rank_pieces(const parallel::ProcessGrid* grid,
   std::vector<ckpt::PieceData> out;
   for (const parallel::ParamSlot& s : registry.slots()) {
     const bool writer = !grid || (s.sharded() ? grid->edp_rank() == 0 : grid->rank() == 0);
-    if (writer) out.push_back({s.name, "param", parallel::global_begin(s), s.tensor.detach().reshape({-1}).clone()});
+    // A copy in host memory (straight from the device for a GPU tensor: no second device copy).
+    if (writer) {
+      out.push_back({s.name, "param", parallel::global_begin(s),
+                     s.tensor.detach().reshape({-1}).to(at::kCPU, /*non_blocking=*/false, /*copy=*/true)});
+    }
   }
   for (parallel::StatePiece& p : optimizer.state_pieces()) {
     out.push_back({p.name, p.kind, p.begin, std::move(p.values)});
