@@ -170,6 +170,13 @@ std::unique_ptr<moe::CausalLM> synthetic_base_model(const Config& c, int64_t tok
   return model;
 }
 
+int64_t base_bytes(const moe::CausalLM& model) {
+  int64_t bytes = 0;
+  model.for_each_base_parameter(
+      [&](const std::string&, const at::Tensor& t) { bytes += t.numel() * static_cast<int64_t>(t.element_size()); });
+  return bytes;
+}
+
 uint64_t forward_seed(uint64_t seed, int rank) {
   // splitmix64 of (seed, rank + 1): well mixed, never the initialisation's seed itself.
   uint64_t z = seed + 0x9E3779B97F4A7C15ull * (static_cast<uint64_t>(rank) + 1);
@@ -221,6 +228,9 @@ RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid) {
   run.optimizer = parallel::make_optimizer(
       *run.registry, run.grid.get(), parallel::AdamWOptions{},
       static_cast<int64_t>(std::llround(c.parallel.zero_bucket_mib * (1 << 20))));
+  spdlog::info("base: {} with {} decoder layers, {:.2f} MiB of frozen {} weights on this rank", c.model.base,
+               run.model->num_layers(), static_cast<double>(base_bytes(*run.model)) / (1 << 20),
+               c.model.dtype);
   spdlog::info("adapter: {} with {} trainable parameters in {} tensors ({} held on this rank)",
                moe::method_name(run.spec.method), run.registry->global_numel(),
                run.registry->slots().size(), run.registry->local_numel());

@@ -67,6 +67,9 @@ moe::AdapterSpec adapter_spec(const Config& c, int64_t num_layers);
 // The model's dtype and device from `c.model` (GPU ranks bind to their node-local device).
 at::TensorOptions model_options(const Config& c);
 
+// The bytes of `model`'s frozen base tensors (what this rank holds of the base).
+int64_t base_bytes(const moe::CausalLM& model);
+
 // The seed of the stream of forward-pass draws (dropout, jitter) of `rank` in a run seeded with
 // `seed`: distinct per rank, and distinct from the seed of the weight initialisation.
 uint64_t forward_seed(uint64_t seed, int rank);

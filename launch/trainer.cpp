@@ -12,6 +12,7 @@
 #include "dist/communicator.h"
 #include "kernels/check.h"
 #include "launch/checkpointing.h"
+#include "launch/memory_stats.h"
 #include "parallel/expert_dispatcher.h"
 #include "parallel/optimizer.h"
 #include "parallel/parameter_registry.h"
@@ -130,6 +131,9 @@ TrainSummary Trainer::run() {
   summary.trainable_bytes = memory.trainable_bytes;
   summary.grad_bytes = memory.grad_bytes;
   summary.optimizer_bytes = memory.optimizer_bytes;
+  summary.base_bytes = base_bytes(*parts_.model);
+  summary.peak_host_bytes = static_cast<int64_t>(peak_host_mib() * 1024.0 * 1024.0);
+  summary.peak_device_bytes = peak_cuda_allocated_bytes(parts_.model->options().device());
   for (const parallel::FlatLayout& l : parts_.optimizer->flat_layouts()) {
     summary.zero_groups.push_back(
         {l.group, l.bucket, l.numel, l.slice > 0 ? l.padded / l.slice : 0, l.slice});

@@ -54,6 +54,15 @@ TEST(Trainer, SyntheticPresetWithFewerLayers) {
   EXPECT_EQ(written.num_layers, 1);
   EXPECT_EQ(written.hidden_size, 2048);
   EXPECT_EQ(written.num_kv_heads, 4);
+  // summary.json's measured memory: the base's bytes are those of the written base's tensors,
+  // and the process held at least that much.
+  int64_t file_bytes = 0;
+  st::SafetensorsFile base(dir.file("run") + "/base/model.safetensors");
+  for (const st::TensorInfo& info : base.header().tensors) file_bytes += static_cast<int64_t>(info.end - info.begin);
+  const nlohmann::json memory = nlohmann::json::parse(test::read_bytes(dir.file("run/summary.json"))).at("memory");
+  EXPECT_EQ(memory.at("base_bytes").get<int64_t>(), file_bytes);
+  EXPECT_GE(memory.at("peak_host_bytes").get<int64_t>(), file_bytes);
+  EXPECT_FALSE(memory.contains("peak_device_bytes"));
 }
 
 TEST(Trainer, AccumulationMatchesOneLargeMicroBatch) {
