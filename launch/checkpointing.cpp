@@ -113,13 +113,22 @@ bool crash_requested(int64_t step) {
   return value != nullptr && std::strtoll(value, nullptr, 10) == step;
 }
 
-// `variable` set to "RANK:STEP" names this rank and step.
-bool kill_requested(const char* variable, int rank, int64_t step) {
+// Kills this rank (SIGKILL) when `variable` is set to "RANK:STEP" naming it and `step`.
+void die_if_requested(const char* variable, int rank, int64_t step, const char* when) {
   const char* value = std::getenv(variable);
-  if (value == nullptr) return false;
+  if (value == nullptr) return;
   char* end = nullptr;
   const long long r = std::strtoll(value, &end, 10);
-  return end != nullptr && *end == ':' && r == rank && std::strtoll(end + 1, nullptr, 10) == step;
+  if (end == nullptr || *end != ':' || r != rank || std::strtoll(end + 1, nullptr, 10) != step) return;
+  spdlog::warn("{}: rank {} dies {} step {}", variable, rank, when, step);
+  std::raise(SIGKILL);
+}
+
+// The end of a save that failed on some rank: every rank throws, naming `error` (this rank's)
+// or, where this rank had none, `elsewhere`.
+[[noreturn]] void fail_save(int64_t step, const std::string& error, const char* elsewhere) {
+  MOLE_FAIL("checkpoint of step ", step, " not saved: ", error.empty() ? elsewhere : error,
+            "; the previous checkpoint is intact");
 }
 
 }  // namespace
@@ -209,17 +218,10 @@ SavedCheckpoint write_snapshot(dist::Communicator* comm, const CheckpointSnapsho
     fs::create_directories(tmp, ec);
     if (ec) error = "cannot create '" + tmp + "': " + ec.message();
   }
-  if (any_rank(comm, !error.empty())) {
-    MOLE_FAIL("checkpoint of step ", step, " not saved: ",
-              error.empty() ? "rank 0 could not create its folder" : error,
-              "; the previous checkpoint is intact");
-  }
+  if (any_rank(comm, !error.empty())) fail_save(step, error, "rank 0 could not create its folder");
   // Every rank's file, then every rank's pieces to rank 0 (which also tells it the files are
   // there). A rank that fails still takes part, so that nobody waits.
-  if (kill_requested("MOLE_TEST_KILL_DURING_SAVE", rank, step)) {
-    spdlog::warn("MOLE_TEST_KILL_DURING_SAVE: rank {} dies while saving step {}", rank, step);
-    std::raise(SIGKILL);
-  }
+  die_if_requested("MOLE_TEST_KILL_DURING_SAVE", rank, step, "while saving");
   ckpt::pb::RankPieces mine;
   try {
     mine = ckpt::write_rank_file(tmp, rank, snap.pieces);
@@ -244,9 +246,7 @@ SavedCheckpoint write_snapshot(dist::Communicator* comm, const CheckpointSnapsho
       std::error_code ec;
       fs::remove_all(tmp, ec);
     }
-    MOLE_FAIL("checkpoint of step ", step, " not saved: ",
-              error.empty() ? "another rank could not write its file" : error,
-              "; the previous checkpoint is intact");
+    fail_save(step, error, "another rank could not write its file");
   }
   SavedCheckpoint saved;
   saved.folder = dir + "/" + name;
@@ -278,26 +278,10 @@ SavedCheckpoint write_snapshot(dist::Communicator* comm, const CheckpointSnapsho
       fs::remove_all(tmp, ec);
     }
   }
-  if (any_rank(comm, !commit_error.empty())) {
-    MOLE_FAIL("checkpoint of step ", step, " not saved: ",
-              commit_error.empty() ? "rank 0 could not commit it" : commit_error,
-              "; the previous checkpoint is intact");
-  }
-  if (kill_requested("MOLE_TEST_KILL_AFTER_CHECKPOINT", rank, step)) {
-    spdlog::warn("MOLE_TEST_KILL_AFTER_CHECKPOINT: rank {} dies after the checkpoint of step {}", rank, step);
-    std::raise(SIGKILL);
-  }
+  if (any_rank(comm, !commit_error.empty())) fail_save(step, commit_error, "rank 0 could not commit it");
+  die_if_requested("MOLE_TEST_KILL_AFTER_CHECKPOINT", rank, step, "after the checkpoint of");
   saved.seconds = snap.seconds + std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return saved;
-}
-
-SavedCheckpoint write_checkpoint(const parallel::ProcessGrid* grid,
-                                 const parallel::ParameterRegistry& registry,
-                                 const parallel::Optimizer& optimizer, const at::Tensor& forward_rng,
-                                 const std::string& dir, int64_t step, int64_t keep,
-                                 const std::function<void(ckpt::pb::Manifest&)>& describe) {
-  return write_snapshot(grid && grid->dims().world() > 1 ? &grid->world() : nullptr,
-                        take_snapshot(grid, registry, optimizer, forward_rng, step, describe), dir, keep);
 }
 
 namespace {

@@ -75,10 +75,7 @@ class AsyncCheckpointer {
 // made for this base model and this adapter (names both when not). Rank-local: no collectives.
 StepCounters resume_from_checkpoint(RunParts& run, const std::string& folder);
 
-// The core of save_checkpoint, for anything with a registry and an optimizer (the checkpoint
-// benchmark uses it without a model): collective over grid->world() (grid null: one process);
-// `describe` fills the run-level fields of the manifest on rank 0 (it gets the rank pieces
-// already). Returns the folder, and this rank's bytes written.
+// What a save wrote: the committed folder and the bytes of this rank and of all.
 struct SavedCheckpoint {
   std::string folder;
   uint64_t bytes = 0;      // written by this rank
@@ -86,9 +83,11 @@ struct SavedCheckpoint {
   uint64_t total_bytes = 0;
   double seconds = 0.0;
 };
-// The two halves of write_checkpoint: what this rank saves of step `step`, copied to host memory
-// (on rank 0 also the manifest's run-level fields and tensor list), and writing and committing it,
-// collective over `comm` (null: one process), which may run on another thread.
+// A save in two halves, for anything with a registry and an optimizer (the checkpoint benchmark
+// uses them without a model; save_checkpoint runs both, AsyncCheckpointer the second on its
+// thread). take_snapshot: what this rank saves of step `step`, copied to host memory, and on rank
+// 0 the manifest's tensor list and run-level fields (`describe` fills the latter). write_snapshot:
+// writing and committing it, collective over `comm` (null: one process).
 struct CheckpointSnapshot {
   int64_t step = 0;
   int rank = 0;
@@ -102,11 +101,6 @@ CheckpointSnapshot take_snapshot(const parallel::ProcessGrid* grid, const parall
                                  const std::function<void(ckpt::pb::Manifest&)>& describe);
 SavedCheckpoint write_snapshot(dist::Communicator* comm, const CheckpointSnapshot& snap, const std::string& dir,
                                int64_t keep);
-SavedCheckpoint write_checkpoint(const parallel::ProcessGrid* grid,
-                                 const parallel::ParameterRegistry& registry,
-                                 const parallel::Optimizer& optimizer, const at::Tensor& forward_rng,
-                                 const std::string& dir, int64_t step, int64_t keep,
-                                 const std::function<void(ckpt::pb::Manifest&)>& describe);
 // Reads this rank's trainable tensors and optimizer moments (any saving layout) from a stored
 // checkpoint; returns the bytes of the pieces read.
 uint64_t read_trainable_state(const ckpt::StoredCheckpoint& stored, const parallel::ParameterRegistry& registry,

@@ -148,9 +148,6 @@ TEST(BenchCli, KernelsReportBandwidthAgainstTheCopy) {
   }
 }
 
-// The optimizer bench under mpirun: its adapter is the one `mole train` builds (the same number
-// of trainable parameters), and each ZeRO stage keeps the bytes it should: two moments of every
-// parameter at stage 0, of the padded half at stages 1 and 2 (two ranks, one world group).
 // The checkpoint bench under mpirun: every element of the parameters and both AdamW moments is
 // stored exactly once (float32: 12 bytes per parameter) at ZeRO 0 and 2, and with ZeRO 2 no rank
 // writes more than the parameters plus its half of the moments.
@@ -171,6 +168,9 @@ TEST(BenchCli, CheckpointStoresEveryElementOnce) {
   }
 }
 
+// The optimizer bench under mpirun: its adapter is the one `mole train` builds (the same number
+// of trainable parameters), and each ZeRO stage keeps the bytes it should: two moments of every
+// parameter at stage 0, of the padded half at stages 1 and 2 (two ranks, one world group).
 TEST(BenchCli, OptimizerReportsEachZeroStage) {
   const test::CommandResult run = test::run_command(
       "OMP_NUM_THREADS=1 " + std::string(MOLE_MPIRUN) + " -np 2 " + MOLE_BINARY +
