@@ -129,12 +129,17 @@ void save_adapter(const moe::CausalLM& model, const moe::AdapterSpec& spec, cons
 
 void save_hf_model(moe::CausalLM& model, const std::string& dir,
                    const std::map<std::string, std::string>& extra_files) {
-  const moe::ModelConfig& c = model.config();
-  MOLE_CHECK(c.rope.type == "default", "save_hf_model: only default RoPE is written");
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   model.for_each_base_parameter([&](const std::string& name, const at::Tensor& t) {
     tensors.emplace_back(name, t.detach());
   });
+  save_hf_model(model, tensors, dir, extra_files);
+}
+
+void save_hf_model(const moe::CausalLM& model, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                   const std::string& dir, const std::map<std::string, std::string>& extra_files) {
+  const moe::ModelConfig& c = model.config();
+  MOLE_CHECK(c.rope.type == "default", "save_hf_model: only default RoPE is written");
   // The architecture's own model_type, so that transformers builds the same model (Qwen2's q, k,
   // v biases, Mistral's window).
   const std::string& type = c.model_type;

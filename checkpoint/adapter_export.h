@@ -29,5 +29,9 @@ void save_adapter(const moe::CausalLM& model, const moe::AdapterSpec& spec, cons
 // that `load_model` and transformers can read. All files land together or none does.
 void save_hf_model(moe::CausalLM& model, const std::string& dir,
                    const std::map<std::string, std::string>& extra_files = {});
+// The same with `tensors`: `model`'s frozen tensors by name, whole (e.g. gathered from a sharded
+// base), in place of the model's own handles.
+void save_hf_model(const moe::CausalLM& model, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                   const std::string& dir, const std::map<std::string, std::string>& extra_files = {});
 
 }  // namespace mole::ckpt

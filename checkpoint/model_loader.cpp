@@ -22,10 +22,11 @@ void check_finite(const at::Tensor& t, const std::string& what) {
             "); the file is damaged or was saved from a diverged run");
 }
 
-std::unique_ptr<moe::CausalLM> load_model(const std::string& dir, const at::TensorOptions& options) {
+std::unique_ptr<moe::CausalLM> load_model(const std::string& dir, const at::TensorOptions& options,
+                                          std::shared_ptr<moe::BaseWeights> weights) {
   moe::ModelConfig config = load_hf_config(dir);
   st::CheckpointReader reader(dir);
-  auto model = std::make_unique<moe::CausalLM>(config, options);
+  auto model = std::make_unique<moe::CausalLM>(config, options, std::move(weights));
 
   at::NoGradGuard no_grad;
   std::set<std::string> used;
@@ -37,7 +38,8 @@ std::unique_ptr<moe::CausalLM> load_model(const std::string& dir, const at::Tens
                src.sizes(), " but the config implies ", param.sizes());
     MOLE_CHECK(at::isFloatingType(src.scalar_type()), "tensor '", name, "' in '", dir,
                "' has dtype ", src.scalar_type(), "; expected a floating-point weight");
-    check_finite(src, "tensor '" + name + "' in '" + dir + "'");
+    // Only the part this rank keeps is read from the mapping (and so only it becomes resident).
+    check_finite(model->base_weights().kept_part(name, src), "tensor '" + name + "' in '" + dir + "'");
     model->base_weights().assign(name, src);
     used.insert(name);
   });
@@ -55,6 +57,13 @@ std::unique_ptr<moe::CausalLM> load_model(const std::string& dir, const at::Tens
   spdlog::info("loaded {} ({} layers, hidden {}, {} heads / {} kv heads, vocab {}) from {}",
                config.model_type, config.num_layers, config.hidden_size, config.num_heads,
                config.num_kv_heads, config.vocab_size, dir);
+  // What the load made resident of the mapped files in this process: with a sharded base, about
+  // this rank's part.
+  const int64_t resident = reader.resident_bytes();
+  if (resident >= 0) {
+    spdlog::info("base files: {:.2f} MiB of the {:.2f} MiB mapped were read into this process", resident / 1048576.0,
+                 static_cast<double>(reader.file_bytes()) / 1048576.0);
+  }
   return model;
 }
 

@@ -153,6 +153,25 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
 
 SafetensorsFile::~SafetensorsFile() = default;
 
+uint64_t SafetensorsFile::file_bytes() const { return mapping_->size; }
+
+int64_t SafetensorsFile::resident_bytes() const {
+  // The mapping's entry starts with "<start>-<end> "; its "Rss:" line follows.
+  std::ifstream smaps("/proc/self/smaps");
+  if (!smaps) return -1;
+  char start[32];
+  std::snprintf(start, sizeof(start), "%lx-", reinterpret_cast<unsigned long>(mapping_->data));
+  bool inside = false;
+  for (std::string line; std::getline(smaps, line);) {
+    if (!inside) {
+      inside = line.rfind(start, 0) == 0;
+    } else if (line.rfind("Rss:", 0) == 0) {
+      return std::stoll(line.substr(4)) * 1024;  // "Rss:   1234 kB"
+    }
+  }
+  return -1;
+}
+
 std::vector<std::string> SafetensorsFile::names() const {
   std::vector<std::string> out;
   out.reserve(header_.tensors.size());
@@ -259,6 +278,22 @@ CheckpointReader::CheckpointReader(const std::string& path) : path_(path) {
 }
 
 bool CheckpointReader::contains(const std::string& name) const { return owner_.count(name) > 0; }
+
+int64_t CheckpointReader::resident_bytes() const {
+  int64_t total = 0;
+  for (const auto& file : files_) {
+    const int64_t bytes = file->resident_bytes();
+    if (bytes < 0) return -1;
+    total += bytes;
+  }
+  return total;
+}
+
+uint64_t CheckpointReader::file_bytes() const {
+  uint64_t total = 0;
+  for (const auto& file : files_) total += file->file_bytes();
+  return total;
+}
 
 std::vector<std::string> CheckpointReader::names() const {
   std::vector<std::string> out;

@@ -32,6 +32,10 @@ class SafetensorsFile {
   // for its dtype (do not write into it), otherwise a copy. Throws naming file and tensor when
   // absent or when the dtype has no LibTorch equivalent.
   at::Tensor tensor(const std::string& name) const;
+  // Bytes of the mapping resident in this process (its pages that were read), from
+  // /proc/self/smaps; -1 where that is not available.
+  int64_t resident_bytes() const;
+  uint64_t file_bytes() const;
 
  private:
   struct Mapping;
@@ -57,6 +61,9 @@ class CheckpointReader {
   at::Tensor tensor(const std::string& name) const;  // throws naming the tensor and the folder
   const TensorInfo& info(const std::string& name) const;
   const std::string& path() const { return path_; }
+  // Over every file: the bytes resident in this process (-1 where unknown) and the bytes mapped.
+  int64_t resident_bytes() const;
+  uint64_t file_bytes() const;
 
  private:
   std::string path_;

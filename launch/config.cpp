@@ -341,6 +341,7 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
   check(t.eval_every >= 0, train, "eval_every", "must be non-negative");
   train.get("max_bad_steps", t.max_bad_steps);
   check(t.max_bad_steps >= 1, train, "max_bad_steps", "must be at least 1");
+  train.get("activation_checkpointing", t.activation_checkpointing);
   train.finish();
 
   Section parallel = top.child("parallel");
@@ -450,7 +451,8 @@ std::string to_yaml(const Config& c) {
       << "clip" << YAML::Value << t.clip << YAML::Key << "seed" << YAML::Value << t.seed << YAML::Key
       << "lora_plus_ratio" << YAML::Value << t.lora_plus_ratio << YAML::Key << "eval_every"
       << YAML::Value << t.eval_every << YAML::Key << "max_bad_steps" << YAML::Value
-      << t.max_bad_steps << YAML::EndMap;
+      << t.max_bad_steps << YAML::Key << "activation_checkpointing" << YAML::Value
+      << t.activation_checkpointing << YAML::EndMap;
   const ParallelSection& p = c.parallel;
   out << YAML::Key << "parallel" << YAML::Value << YAML::BeginMap << YAML::Key << "ep" << YAML::Value
       << p.ep << YAML::Key << "zero" << YAML::Value << p.zero << YAML::Key << "zero_bucket_mib"

@@ -77,6 +77,8 @@ struct TrainSection {
   double lora_plus_ratio = 1.0;  // LoRA+: lr of B matrices = lr x ratio
   int64_t eval_every = 0;        // 0: evaluate only at the end (when data.eval is set)
   int64_t max_bad_steps = 5;     // consecutive non-finite steps before stopping
+  // Keep only each decoder layer's input in forward and recompute the layer in backward.
+  bool activation_checkpointing = false;
 };
 
 struct ParallelSection {

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 
 #include "checkpoint/model_loader.h"
 #include "checkpoint/moe_peft_adapter.h"
@@ -23,6 +24,7 @@
 #include "parallel/expert_dispatcher.h"
 #include "parallel/parallel_dims.h"
 #include "parallel/process_grid.h"
+#include "parallel/sharded_base_weights.h"
 
 namespace mole::launch {
 namespace {
@@ -37,8 +39,6 @@ at::Device model_device(const Config& c) {
 
 // Options that the current build cannot honour yet are errors, not silent no-ops.
 void check_supported(const Config& c) {
-  MOLE_CHECK(c.parallel.base_shard == 0, "parallel.base_shard = ", c.parallel.base_shard,
-             ": frozen-base sharding is not available yet");
   MOLE_CHECK(!(c.model.dtype == "fp64" && c.model.device == "cuda"),
              "model.dtype fp64 is a CPU mode for exactness checks; use fp32 or bf16 on CUDA");
   MOLE_CHECK(!(c.model.dtype == "bf16" && c.model.device == "cpu"),
@@ -158,23 +158,37 @@ bool RunParts::synthetic_base() const { return config.model.base.rfind("syntheti
 const moe::Dispatcher* RunParts::moe_dispatcher() const { return dispatcher.get(); }
 
 std::unique_ptr<moe::CausalLM> synthetic_base_model(const Config& c, int64_t tokenizer_vocab,
-                                                    const at::TensorOptions& options, const at::Generator& gen) {
+                                                    const at::TensorOptions& options, const at::Generator& gen,
+                                                    std::shared_ptr<moe::BaseWeights> weights) {
   MOLE_CHECK(c.model.base.rfind("synthetic:", 0) == 0, "'", c.model.base, "' is not a synthetic base");
   const std::string preset = c.model.base.substr(10);
   moe::ModelConfig shape = preset == "tiny" ? moe::tiny_model_config(tokenizer_vocab) : moe::model_preset(preset);
   MOLE_CHECK(c.model.layers <= shape.num_layers, "model.layers is ", c.model.layers, " but ", c.model.base, " has ",
              shape.num_layers, " decoder layers");
   if (c.model.layers > 0) shape.num_layers = c.model.layers;
-  auto model = std::make_unique<moe::CausalLM>(shape, options);
+  auto model = std::make_unique<moe::CausalLM>(shape, options, std::move(weights));
   model->init_base_random(gen);
   return model;
 }
 
-int64_t base_bytes(const moe::CausalLM& model) {
-  int64_t bytes = 0;
-  model.for_each_base_parameter(
-      [&](const std::string&, const at::Tensor& t) { bytes += t.numel() * static_cast<int64_t>(t.element_size()); });
-  return bytes;
+int64_t base_bytes(const moe::CausalLM& model) { return model.base_weights().held_bytes(); }
+
+std::vector<moe::NamedTensor> whole_base(const moe::CausalLM& model, bool keep) {
+  // Names by layer ("model.layers.<i>." is layer i, the rest layer -1), in order.
+  std::map<int64_t, std::vector<std::pair<size_t, moe::NamedTensor>>> by_layer;
+  size_t index = 0;
+  model.for_each_base_parameter([&](const std::string& name, const at::Tensor& t) {
+    const std::string prefix = "model.layers.";
+    const int64_t layer = name.compare(0, prefix.size(), prefix) == 0 ? std::stoll(name.substr(prefix.size())) : -1;
+    by_layer[layer].emplace_back(index++, moe::NamedTensor(name, t));
+  });
+  std::vector<moe::NamedTensor> out(keep ? index : 0);
+  for (const auto& [layer, tensors] : by_layer) {
+    const moe::AcquiredLayer acquired(model.base_weights(), layer);
+    if (!keep) continue;
+    for (const auto& [i, named] : tensors) out[i] = {named.first, named.second.detach().to(at::kCPU, false, true)};
+  }
+  return out;
 }
 
 uint64_t forward_seed(uint64_t seed, int rank) {
@@ -202,10 +216,15 @@ RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid) {
   run.tokenizer = make_tokenizer(tokenizer_spec);
 
   const at::TensorOptions options = model_options(c);
+  // parallel.base_shard: this rank keeps 1/N of every frozen tensor (null: all of it).
+  std::shared_ptr<moe::BaseWeights> weights;
+  if (run.grid && run.grid->dims().base_shard() > 0) {
+    weights = std::make_shared<parallel::ShardedBaseWeights>(run.grid->base());
+  }
   if (run.synthetic_base()) {
-    run.model = synthetic_base_model(c, run.tokenizer->vocab_size(), options, init_gen);
+    run.model = synthetic_base_model(c, run.tokenizer->vocab_size(), options, init_gen, weights);
   } else {
-    run.model = ckpt::load_model(c.model.base, options);
+    run.model = ckpt::load_model(c.model.base, options, weights);
   }
   MOLE_CHECK(run.tokenizer->vocab_size() <= run.model->config().vocab_size, "tokenizer '",
              tokenizer_spec, "' has ", run.tokenizer->vocab_size(),
@@ -228,9 +247,10 @@ RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid) {
   run.optimizer = parallel::make_optimizer(
       *run.registry, run.grid.get(), parallel::AdamWOptions{},
       static_cast<int64_t>(std::llround(c.parallel.zero_bucket_mib * (1 << 20))));
-  spdlog::info("base: {} with {} decoder layers, {:.2f} MiB of frozen {} weights on this rank", c.model.base,
+  spdlog::info("base: {} with {} decoder layers, {:.2f} MiB of frozen {} weights on this rank{}", c.model.base,
                run.model->num_layers(), static_cast<double>(base_bytes(*run.model)) / (1 << 20),
-               c.model.dtype);
+               c.model.dtype,
+               weights ? fmt::format(" (1/{} of each tensor, parallel.base_shard)", c.parallel.base_shard) : "");
   spdlog::info("adapter: {} with {} trainable parameters in {} tensors ({} held on this rank)",
                moe::method_name(run.spec.method), run.registry->global_numel(),
                run.registry->slots().size(), run.registry->local_numel());

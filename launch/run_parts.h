@@ -57,9 +57,11 @@ RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid);
 
 // model.base synthetic:<preset>: the preset's architecture (tiny: sized to `tokenizer_vocab`),
 // cut to model.layers, its weights drawn from `gen` (a generator seeded by train.seed, used for
-// nothing before). Throws naming the preset when it is unknown.
+// nothing before) one whole tensor at a time, of which `weights` keeps its part (null: whole
+// tensors), so every layout holds the same model. Throws naming the preset when it is unknown.
 std::unique_ptr<moe::CausalLM> synthetic_base_model(const Config& c, int64_t tokenizer_vocab,
-                                                    const at::TensorOptions& options, const at::Generator& gen);
+                                                    const at::TensorOptions& options, const at::Generator& gen,
+                                                    std::shared_ptr<moe::BaseWeights> weights = nullptr);
 
 // The adapter `c.adapter` describes for a model of `num_layers` layers (the allocation of experts
 // resolved, router and auxiliary-loss options by method).
@@ -67,8 +69,14 @@ moe::AdapterSpec adapter_spec(const Config& c, int64_t num_layers);
 // The model's dtype and device from `c.model` (GPU ranks bind to their node-local device).
 at::TensorOptions model_options(const Config& c);
 
-// The bytes of `model`'s frozen base tensors (what this rank holds of the base).
+// The bytes of `model`'s frozen base tensors this rank keeps between uses (its shard under
+// parallel.base_shard).
 int64_t base_bytes(const moe::CausalLM& model);
+
+// Every frozen tensor of `model`, whole, on the host, in for_each_base_parameter() order; a
+// sharded base is gathered one layer at a time (collective over its group). Only ranks with
+// `keep` get the tensors; the others take part and get nothing.
+std::vector<moe::NamedTensor> whole_base(const moe::CausalLM& model, bool keep);
 
 // The seed of the stream of forward-pass draws (dropout, jitter) of `rank` in a run seeded with
 // `seed`: distinct per rank, and distinct from the seed of the weight initialisation.

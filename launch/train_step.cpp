@@ -6,12 +6,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
 
 #include "dist/communicator.h"
 #include "kernels/check.h"
 #include "launch/schedule.h"
+#include "moe/layer_runner.h"
 #include "parallel/expert_dispatcher.h"
 #include "parallel/process_grid.h"
 
@@ -70,12 +72,20 @@ StepResult accumulate_gradients(RunParts& run, const StepCounters& counters) {
     ctx.generator = run.forward_gen;
     ctx.valid_T = mb.valid_BS.reshape({-1});  // on the host: the sites count it there
     ctx.dispatcher = run.moe_dispatcher();
+    // Activation checkpointing, and the order of use that a sharded base prefetches by. The
+    // runner lives until this micro-batch's backward is over.
+    std::optional<moe::TrainingLayers> layers;
+    if (c.train.activation_checkpointing || c.parallel.base_shard > 0) {
+      layers.emplace(run.model->base_weights(), run.model->num_layers(), ctx, c.train.activation_checkpointing);
+      ctx.layer_runner = &*layers;
+    }
     at::Tensor logits = run.model->forward(mb.input_ids_BS, ctx);
     moe::LossSum ls = moe::causal_lm_loss_sum(logits, mb.labels_BS);
     // Normalised once by the step's global target-token count, so micro-batches simply add up.
     at::Tensor lm = ls.sum / static_cast<double>(batch.global_target_tokens);
     moe::AuxLosses aux = moe::aux_losses(ctx, run.spec.aux, over_ranks);
     (lm + aux.total / accumulation).backward();
+    layers.reset();  // a sharded base lets go of what backward held
     run.optimizer->end_backward();  // ZeRO-2 reduces what backward has not yet
     // Every value as float64 on the loss's device (the aux total of an adapter without MoE sites
     // is a host zero).
@@ -135,7 +145,8 @@ StepResult accumulate_gradients(RunParts& run, const StepCounters& counters) {
 std::string non_finite_hint(const moe::CausalLM& model) {
   std::string worst_name;
   double worst = -1.0;
-  model.for_each_base_parameter([&](const std::string& name, const at::Tensor& t) {
+  // What this rank keeps of each tensor (all of it, unless the base is sharded).
+  model.base_weights().for_each_kept([&](const std::string& name, const at::Tensor& t) {
     if ((!worst_name.empty() && !std::isfinite(worst)) || t.numel() == 0) return;
     const double m = t.detach().abs().max().item<double>();  // NaN when t holds one
     if (!std::isfinite(m) || m > worst) {

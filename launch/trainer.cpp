@@ -156,7 +156,10 @@ TrainSummary Trainer::run() {
 
 void Trainer::evaluate_and_log(MetricsSink& sink, int64_t step) {
   // Under expert parallelism every rank takes part in the forward passes.
-  if (parts_.eval_examples.empty() || (!sink.lead() && !parts_.dispatcher)) return;
+  // So does every rank of a sharded base (the layers are gathered collectively).
+  if (parts_.eval_examples.empty() || (!sink.lead() && !parts_.dispatcher && parts_.config.parallel.base_shard == 0)) {
+    return;
+  }
   const EvalResult e = evaluate(*parts_.model, parts_.eval_examples, parts_.config.train.micro_batch,
                                 parts_.tokenizer->pad_id(), parts_.moe_dispatcher());
   sink.on_eval(step, e);
@@ -166,6 +169,9 @@ void Trainer::export_adapter() {
   const Config& c = parts_.config;
   dist::Communicator* ep = parts_.dispatcher ? &parts_.grid->ep() : nullptr;
   const std::vector<moe::NamedTensor> whole = parallel::gather_trainable(*parts_.registry, ep);
+  // A synthetic base is written beside the adapter: gathered first when it is sharded.
+  std::vector<moe::NamedTensor> base_tensors;
+  if (parts_.synthetic_base() && c.parallel.base_shard > 0) base_tensors = whole_base(*parts_.model, rank() == 0);
   if (rank() != 0) return;
   // Never an adapter with non-finite values: a reader would trust it.
   for (const moe::NamedTensor& t : whole) {
@@ -178,7 +184,11 @@ void Trainer::export_adapter() {
   ckpt::save_adapter(whole, parts_.spec, c.log.dir + "/adapter", base);
   // With its tokenizer, so that training or `mole forward --text` on base/ needs no other setting.
   if (parts_.synthetic_base()) {
-    ckpt::save_hf_model(*parts_.model, base, tokenizer_files(parts_.tokenizer_spec));
+    if (base_tensors.empty()) {
+      ckpt::save_hf_model(*parts_.model, base, tokenizer_files(parts_.tokenizer_spec));
+    } else {
+      ckpt::save_hf_model(*parts_.model, base_tensors, base, tokenizer_files(parts_.tokenizer_spec));
+    }
   }
 }
 

@@ -12,6 +12,7 @@ at::Tensor LocalBaseWeights::declare(const std::string& name, int64_t, const std
   MOLE_CHECK(!tensors_.count(name), "frozen tensor '", name, "' declared twice");
   at::Tensor t = at::empty(shape, options);
   tensors_.emplace(name, t);
+  order_.push_back(name);
   return t;
 }
 
@@ -22,6 +23,22 @@ void LocalBaseWeights::assign(const std::string& name, const at::Tensor& value) 
              value.sizes(), ", the model expects ", it->second.sizes());
   at::NoGradGuard no_grad;
   it->second.copy_(value);
+}
+
+at::Tensor LocalBaseWeights::kept_part(const std::string& name, const at::Tensor& value) const {
+  MOLE_CHECK(tensors_.count(name), "the model has no frozen tensor '", name, "'");
+  return value.reshape({-1});
+}
+
+int64_t LocalBaseWeights::held_bytes() const {
+  int64_t bytes = 0;
+  for (const auto& [name, t] : tensors_) bytes += t.numel() * static_cast<int64_t>(t.element_size());
+  return bytes;
+}
+
+void LocalBaseWeights::for_each_kept(
+    const std::function<void(const std::string&, const at::Tensor&)>& fn) const {
+  for (const std::string& name : order_) fn(name, tensors_.at(name).reshape({-1}));
 }
 
 }  // namespace mole::moe

@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -25,9 +26,28 @@ class BaseWeights {
   // Sets frozen tensor `name` from `value`: the whole tensor (any floating dtype and device; may
   // be a view of a memory-mapped file). Shape checked.
   virtual void assign(const std::string& name, const at::Tensor& value) = 0;
-  // Brackets around a use of layer `layer`'s weights. Calls nest per layer only once.
+  // Brackets around a use of layer `layer`'s weights. Calls nest (counted per layer).
   virtual void acquire(int64_t layer) const = 0;
   virtual void release(int64_t layer) const = 0;
+
+  // Scheduling hints from whoever runs the layers (see moe/layer_runner.h); a whole-tensor base
+  // ignores them. prefetch: `layer` will be acquired next, start fetching it (a layer that does
+  // not exist is ignored). hold: acquire `layer` until end_pass() or release_held(layer), e.g.
+  // from the start of its backward to the start of the previous layer's. end_pass: the backward
+  // pass is over, release every hold.
+  virtual void prefetch(int64_t /*layer*/) const {}
+  virtual void hold(int64_t /*layer*/) const {}
+  virtual void release_held(int64_t /*layer*/) const {}
+  virtual void end_pass() const {}
+
+  // The part of frozen tensor `name`'s value this rank keeps, flattened (a whole-tensor base: all
+  // of it): what a loader has to read and check. `value` as assign() takes it.
+  virtual at::Tensor kept_part(const std::string& name, const at::Tensor& value) const = 0;
+  // Bytes of frozen weights this rank keeps between uses.
+  virtual int64_t held_bytes() const = 0;
+  // Every frozen tensor's kept part (flattened; whole tensors for a whole-tensor base), in
+  // declaration order: the values a rank can read without gathering.
+  virtual void for_each_kept(const std::function<void(const std::string&, const at::Tensor&)>& fn) const = 0;
 };
 
 // acquire(layer) for a scope; release(layer) when it ends, also by an exception.
@@ -53,9 +73,13 @@ class LocalBaseWeights final : public BaseWeights {
   void assign(const std::string& name, const at::Tensor& value) override;
   void acquire(int64_t) const override {}
   void release(int64_t) const override {}
+  at::Tensor kept_part(const std::string& name, const at::Tensor& value) const override;
+  int64_t held_bytes() const override;
+  void for_each_kept(const std::function<void(const std::string&, const at::Tensor&)>& fn) const override;
 
  private:
   std::map<std::string, at::Tensor> tensors_;
+  std::vector<std::string> order_;  // declaration order
 };
 
 }  // namespace mole::moe

@@ -55,6 +55,15 @@ ProcessGrid::ProcessGrid(const ParallelSizes& sizes, std::shared_ptr<dist::Commu
   MOLE_CHECK(edp_->size() == dims_.edp() && edp_->rank() == edp_rank(),
              "ProcessGrid: internal error: EDP group has rank ", edp_->rank(), " of ", edp_->size(),
              ", expected ", edp_rank(), " of ", dims_.edp());
+  // Frozen-base sharding: groups of base_shard consecutive ranks.
+  if (dims_.base_shard() > 0) {
+    base_ = world_->split(rank() / dims_.base_shard(), rank(), "base", world_->timeout_s());
+  }
+}
+
+dist::Communicator& ProcessGrid::base() const {
+  MOLE_CHECK(base_ != nullptr, "ProcessGrid: parallel.base_shard is off; there is no base-shard group");
+  return *base_;
 }
 
 }  // namespace mole::parallel

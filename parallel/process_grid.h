@@ -1,6 +1,6 @@
 // The process groups of a run, built in one place from its ParallelDims (DESIGN.md §4): the
 // world, the expert-parallel (EP) groups of `ep` consecutive ranks and the expert-data-parallel
-// (EDP) groups of ranks with the same ep_rank.
+// (EDP) groups of ranks with the same ep_rank, and the base-shard groups.
 #pragma once
 
 #include <memory>
@@ -28,12 +28,16 @@ class ProcessGrid {
   dist::Communicator& world() const { return *world_; }
   dist::Communicator& ep() const { return *ep_; }    // the ep consecutive ranks around this one
   dist::Communicator& edp() const { return *edp_; }  // the ranks with this rank's ep_rank
+  // The base_shard consecutive ranks around this one that share one copy of the frozen base;
+  // only with parallel.base_shard > 0 (created after EP and EDP).
+  dist::Communicator& base() const;
 
  private:
   ParallelDims dims_;
   std::shared_ptr<dist::Communicator> world_;
   std::unique_ptr<dist::Communicator> ep_;
   std::unique_ptr<dist::Communicator> edp_;
+  std::unique_ptr<dist::Communicator> base_;
 };
 
 }  // namespace mole::parallel

@@ -15,6 +15,7 @@
 #include "kernels/check.h"
 #include "launch/run_parts.h"
 #include "moe/adapter.h"
+#include "moe/layer_runner.h"
 #include "moe/model_presets.h"
 #include "moe/random.h"
 #include "parallel/parallel_dims.h"
@@ -119,6 +120,17 @@ class CountingWeights final : public moe::BaseWeights {
   void assign(const std::string& name, const at::Tensor& value) override { local.assign(name, value); }
   void acquire(int64_t layer) const override { events.emplace_back("acquire", layer); }
   void release(int64_t layer) const override { events.emplace_back("release", layer); }
+  void prefetch(int64_t layer) const override { events.emplace_back("prefetch", layer); }
+  void hold(int64_t layer) const override { events.emplace_back("hold", layer); }
+  void release_held(int64_t layer) const override { events.emplace_back("release_held", layer); }
+  void end_pass() const override { events.emplace_back("end_pass", 0); }
+  at::Tensor kept_part(const std::string& name, const at::Tensor& value) const override {
+    return local.kept_part(name, value);
+  }
+  int64_t held_bytes() const override { return local.held_bytes(); }
+  void for_each_kept(const std::function<void(const std::string&, const at::Tensor&)>& fn) const override {
+    local.for_each_kept(fn);
+  }
   moe::LocalBaseWeights local;
   std::vector<std::string> names;
   mutable std::vector<std::pair<std::string, int64_t>> events;
@@ -141,6 +153,47 @@ TEST(BaseWeights, EveryLayerIsAcquiredAroundItsUse) {
   }
   expected.emplace_back("release", -1);
   EXPECT_EQ(weights->events, expected);
+}
+
+// A training pass through TrainingLayers tells the weights the order of use: prefetch the next
+// layer in forward, keep the LM head and the last layer for backward, and in backward take each
+// layer again as its backward starts (letting go of the one above), then end the pass.
+TEST(BaseWeights, TrainingLayersScheduleForwardAndBackward) {
+  for (const bool checkpoint : {false, true}) {
+    auto weights = std::make_shared<CountingWeights>();
+    auto model = tiny_model(moe::Method::kMixLora, weights);
+    const int64_t L = model->num_layers();
+    ASSERT_GE(L, 2);
+    moe::ForwardContext ctx;
+    ctx.training = true;
+    ctx.generator = moe::make_generator(3, at::kCPU);
+    {
+      moe::TrainingLayers layers(*weights, L, ctx, checkpoint);
+      ctx.layer_runner = &layers;
+      model->forward(at::randint(0, 64, {1, 6}, at::kLong), ctx).sum().backward();
+    }
+    std::vector<std::pair<std::string, int64_t>> expected = {{"acquire", -1}, {"hold", -1}};
+    for (int64_t i = 0; i < L; ++i) {
+      if (i == L - 1) expected.emplace_back("hold", i);
+      if (i + 1 < L) expected.emplace_back("prefetch", i + 1);
+      expected.emplace_back("acquire", i);
+      expected.emplace_back("release", i);
+    }
+    expected.emplace_back("release", -1);
+    for (int64_t i = L - 1; i >= 0; --i) {
+      if (i + 1 < L) expected.emplace_back("release_held", i + 1);
+      expected.emplace_back("hold", i);
+      if (i > 0) expected.emplace_back("prefetch", i - 1);
+      if (checkpoint) {  // the recompute, inside the layer's own bracket
+        expected.emplace_back("acquire", i);
+        expected.emplace_back("acquire", i);
+        expected.emplace_back("release", i);
+        expected.emplace_back("release", i);
+      }
+    }
+    expected.emplace_back("end_pass", 0);
+    EXPECT_EQ(weights->events, expected) << "checkpoint " << checkpoint;
+  }
 }
 
 TEST(BaseWeights, AssignNamesTheTensor) {

@@ -1,0 +1,183 @@
+// The frozen base sharded over a group of ranks (see sharded_base_weights.h).
+#include "parallel/sharded_base_weights.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/StorageImpl.h>
+
+#include <algorithm>
+#include <exception>
+
+#include "dist/communicator.h"
+#include "kernels/check.h"
+
+namespace mole::parallel {
+namespace {
+
+// Returns the bytes of `t`'s storage (every view of it keeps its shape and sees no bytes).
+void drop_bytes(const at::Tensor& t) {
+  c10::StorageImpl* storage = t.storage().unsafeGetStorageImpl();
+  storage->set_data_ptr_noswap(at::DataPtr(nullptr, t.device()));
+  storage->set_nbytes(0);
+}
+
+// Gives `t`'s storage `nbytes` fresh (uninitialised) bytes from its allocator.
+void give_bytes(const at::Tensor& t, size_t nbytes) {
+  c10::StorageImpl* storage = t.storage().unsafeGetStorageImpl();
+  storage->set_data_ptr_noswap(storage->allocator()->allocate(nbytes));
+  storage->set_nbytes(nbytes);
+}
+
+}  // namespace
+
+ShardedBaseWeights::ShardedBaseWeights(dist::Communicator& group) : group_(group) {}
+
+ShardedBaseWeights::~ShardedBaseWeights() {
+  // A gather still in flight writes into the handles' storage: let it land first.
+  for (auto& [index, layer] : layers_) {
+    for (const std::shared_ptr<dist::Work>& work : layer.works) {
+      try {
+        work->wait();
+      } catch (const std::exception&) {
+        // The run is failing already; the error that ended it is reported elsewhere.
+      }
+    }
+  }
+}
+
+int ShardedBaseWeights::group_size() const { return group_.size(); }
+
+at::Tensor ShardedBaseWeights::declare(const std::string& name, int64_t layer, const std::vector<int64_t>& shape,
+                                       const at::TensorOptions& options) {
+  MOLE_CHECK(!index_.count(name), "frozen tensor '", name, "' declared twice");
+  const int64_t n = group_.size();
+  Entry e;
+  e.name = name;
+  e.layer = layer;
+  e.numel = 1;
+  for (int64_t d : shape) e.numel *= d;
+  e.chunk = (e.numel + n - 1) / n;
+  // The gathered flat buffer [chunk * n]; the handle is the first numel elements in `shape`.
+  e.full = at::empty({e.chunk * n}, options);
+  e.handle = e.full.narrow(0, 0, e.numel).view(shape);
+  drop_bytes(e.full);
+  e.shard = at::zeros({e.chunk}, options);
+  Layer& l = layers_[layer];
+  l.entries.push_back(entries_.size());
+  l.bytes += e.chunk * n * static_cast<int64_t>(e.full.element_size());
+  index_.emplace(name, entries_.size());
+  entries_.push_back(std::move(e));
+  return entries_.back().handle;
+}
+
+ShardedBaseWeights::Entry& ShardedBaseWeights::entry(const std::string& name) {
+  auto it = index_.find(name);
+  MOLE_CHECK(it != index_.end(), "the model has no frozen tensor '", name, "'");
+  return entries_[it->second];
+}
+
+const ShardedBaseWeights::Entry& ShardedBaseWeights::entry(const std::string& name) const {
+  auto it = index_.find(name);
+  MOLE_CHECK(it != index_.end(), "the model has no frozen tensor '", name, "'");
+  return entries_[it->second];
+}
+
+at::Tensor ShardedBaseWeights::kept_part(const std::string& name, const at::Tensor& value) const {
+  const Entry& e = entry(name);
+  MOLE_CHECK(value.sizes() == e.handle.sizes(), "frozen tensor '", name, "': got shape ", value.sizes(),
+             ", the model expects ", e.handle.sizes());
+  const int64_t begin = std::min(e.numel, group_.rank() * e.chunk);
+  const int64_t end = std::min(e.numel, begin + e.chunk);
+  // A contiguous value (a memory-mapped file's tensor) is viewed, not read, here.
+  return value.reshape({-1}).narrow(0, begin, end - begin);
+}
+
+void ShardedBaseWeights::assign(const std::string& name, const at::Tensor& value) {
+  const at::Tensor part = kept_part(name, value);
+  at::NoGradGuard no_grad;
+  entry(name).shard.narrow(0, 0, part.numel()).copy_(part);
+}
+
+int64_t ShardedBaseWeights::held_bytes() const {
+  int64_t bytes = 0;
+  for (const Entry& e : entries_) bytes += e.shard.numel() * static_cast<int64_t>(e.shard.element_size());
+  return bytes;
+}
+
+void ShardedBaseWeights::for_each_kept(
+    const std::function<void(const std::string&, const at::Tensor&)>& fn) const {
+  for (const Entry& e : entries_) {
+    const int64_t begin = std::min(e.numel, group_.rank() * e.chunk);
+    fn(e.name, e.shard.narrow(0, 0, std::min(e.numel, begin + e.chunk) - begin));
+  }
+}
+
+ShardedBaseWeights::Layer* ShardedBaseWeights::find_layer(int64_t layer) const {
+  auto it = layers_.find(layer);
+  return it == layers_.end() ? nullptr : &it->second;
+}
+
+void ShardedBaseWeights::start_gather(Layer& layer) const {
+  for (size_t i : layer.entries) {
+    const Entry& e = entries_[i];
+    give_bytes(e.full, static_cast<size_t>(e.full.numel() * static_cast<int64_t>(e.full.element_size())));
+    at::Tensor full = e.full;  // all_gather's output parameter is a non-const reference
+    layer.works.push_back(group_.all_gather(e.shard, full));
+  }
+  layer.state = State::kInFlight;
+  gathered_bytes_ += layer.bytes;
+  peak_gathered_bytes_ = std::max(peak_gathered_bytes_, gathered_bytes_);
+}
+
+void ShardedBaseWeights::finish_gather(Layer& layer) const {
+  for (const std::shared_ptr<dist::Work>& work : layer.works) work->wait();
+  layer.works.clear();
+  layer.state = State::kGathered;
+}
+
+void ShardedBaseWeights::free_layer(Layer& layer) const {
+  if (layer.state == State::kInFlight) finish_gather(layer);
+  if (layer.state == State::kFree) return;
+  for (size_t i : layer.entries) drop_bytes(entries_[i].handle);
+  layer.state = State::kFree;
+  gathered_bytes_ -= layer.bytes;
+}
+
+void ShardedBaseWeights::acquire(int64_t index) const {
+  Layer* layer = find_layer(index);
+  if (!layer) return;
+  if (layer->state == State::kFree) start_gather(*layer);
+  if (layer->state == State::kInFlight) finish_gather(*layer);
+  ++layer->refs;
+}
+
+void ShardedBaseWeights::release(int64_t index) const {
+  Layer* layer = find_layer(index);
+  if (!layer) return;
+  MOLE_CHECK(layer->refs > 0, "frozen base layer ", index, " released more often than acquired");
+  if (--layer->refs == 0) free_layer(*layer);
+}
+
+void ShardedBaseWeights::prefetch(int64_t index) const {
+  Layer* layer = find_layer(index);
+  if (layer && layer->state == State::kFree) start_gather(*layer);
+}
+
+void ShardedBaseWeights::hold(int64_t index) const {
+  Layer* layer = find_layer(index);
+  if (!layer || layer->held) return;
+  acquire(index);
+  layer->held = true;
+}
+
+void ShardedBaseWeights::release_held(int64_t index) const {
+  Layer* layer = find_layer(index);
+  if (!layer || !layer->held) return;
+  layer->held = false;
+  release(index);
+}
+
+void ShardedBaseWeights::end_pass() const {
+  for (auto& [index, layer] : layers_) release_held(index);
+}
+
+}  // namespace mole::parallel
