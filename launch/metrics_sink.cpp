@@ -221,7 +221,7 @@ void MetricsSink::write_summary(const TrainSummary& s) const {
                          {"wall_s", s.wall_s}, {"target_tokens_per_s", s.tokens_per_s}};
   done["memory"] = {{"trainable_bytes", s.trainable_bytes}, {"grad_bytes", s.grad_bytes},
                     {"optimizer_bytes", s.optimizer_bytes}, {"base_bytes", s.base_bytes},
-                    {"peak_host_bytes", s.peak_host_bytes}};
+                    {"gathered_bytes", s.gathered_bytes}, {"peak_host_bytes", s.peak_host_bytes}};
   if (s.peak_device_bytes >= 0) done["memory"]["peak_device_bytes"] = s.peak_device_bytes;
   if (!s.zero_groups.empty()) {
     nlohmann::json groups = nlohmann::json::array();

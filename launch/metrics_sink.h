@@ -40,6 +40,7 @@ struct TrainSummary {
   int64_t grad_bytes = 0;
   int64_t optimizer_bytes = 0;
   int64_t base_bytes = 0;          // the frozen base tensors this rank holds
+  int64_t gathered_bytes = 0;      // a sharded base: the most it had gathered at once (else 0)
   int64_t peak_host_bytes = 0;     // this process's peak resident set
   int64_t peak_device_bytes = -1;  // the CUDA caching allocator's peak (-1: not on CUDA)
   // ZeRO's flat buffers on this rank: group ("world" or "edp"), bucket, elements, ranks, slice

@@ -174,13 +174,11 @@ std::unique_ptr<moe::CausalLM> synthetic_base_model(const Config& c, int64_t tok
 int64_t base_bytes(const moe::CausalLM& model) { return model.base_weights().held_bytes(); }
 
 std::vector<moe::NamedTensor> whole_base(const moe::CausalLM& model, bool keep) {
-  // Names by layer ("model.layers.<i>." is layer i, the rest layer -1), in order.
+  // The tensors by the group they are acquired with, each with its place in the output.
   std::map<int64_t, std::vector<std::pair<size_t, moe::NamedTensor>>> by_layer;
   size_t index = 0;
   model.for_each_base_parameter([&](const std::string& name, const at::Tensor& t) {
-    const std::string prefix = "model.layers.";
-    const int64_t layer = name.compare(0, prefix.size(), prefix) == 0 ? std::stoll(name.substr(prefix.size())) : -1;
-    by_layer[layer].emplace_back(index++, moe::NamedTensor(name, t));
+    by_layer[model.base_group(name)].emplace_back(index++, moe::NamedTensor(name, t));
   });
   std::vector<moe::NamedTensor> out(keep ? index : 0);
   for (const auto& [layer, tensors] : by_layer) {

@@ -132,6 +132,7 @@ TrainSummary Trainer::run() {
   summary.grad_bytes = memory.grad_bytes;
   summary.optimizer_bytes = memory.optimizer_bytes;
   summary.base_bytes = base_bytes(*parts_.model);
+  summary.gathered_bytes = parts_.model->base_weights().peak_gathered_bytes();
   summary.peak_host_bytes = static_cast<int64_t>(peak_host_mib() * 1024.0 * 1024.0);
   summary.peak_device_bytes = peak_cuda_allocated_bytes(parts_.model->options().device());
   for (const parallel::FlatLayout& l : parts_.optimizer->flat_layouts()) {

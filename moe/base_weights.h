@@ -3,8 +3,10 @@
 // layer's weights (its forward, and any recompute) with acquire(layer) / release(layer). The
 // local implementation holds every tensor whole, so the brackets do nothing; a sharded one
 // (parallel/) keeps 1/N of each tensor per rank and gathers a layer into the handles for its use.
-// Names are Hugging Face's (`model.layers.0.mlp.up_proj.weight`); layer -1 is the tensors outside
-// the decoder layers (embedding, final norm, LM head).
+// Names are Hugging Face's (`model.layers.0.mlp.up_proj.weight`). Layers are the decoder layers
+// 0..L-1 and two groups outside them: kEmbeddingGroup (the embedding, used for the lookup at the
+// start) and kHeadGroup (final norm and LM head, used at the end and again at the start of
+// backward; tied embeddings belong here, as they are the LM head too).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,6 +18,9 @@
 #include <vector>
 
 namespace mole::moe {
+
+constexpr int64_t kEmbeddingGroup = -1;
+constexpr int64_t kHeadGroup = -2;
 
 class BaseWeights {
  public:
@@ -45,6 +50,9 @@ class BaseWeights {
   virtual at::Tensor kept_part(const std::string& name, const at::Tensor& value) const = 0;
   // Bytes of frozen weights this rank keeps between uses.
   virtual int64_t held_bytes() const = 0;
+  // The most bytes of whole (gathered) layers held at once so far, beyond held_bytes(): zero for a
+  // whole-tensor base.
+  virtual int64_t peak_gathered_bytes() const { return 0; }
   // Every frozen tensor's kept part (flattened; whole tensors for a whole-tensor base), in
   // declaration order: the values a rank can read without gathering.
   virtual void for_each_kept(const std::function<void(const std::string&, const at::Tensor&)>& fn) const = 0;

@@ -115,17 +115,20 @@ TrainingLayers::~TrainingLayers() { weights_.end_pass(); }
 
 at::Tensor TrainingLayers::run(int64_t layer, const at::Tensor& h_BSD, const LayerBody& body) const {
   const bool grad = at::GradMode::is_enabled();
-  // The LM head is used again in backward, and backward starts with the last layer.
-  if (grad && layer == 0) weights_.hold(-1);
-  if (grad && layer == num_layers_ - 1) weights_.hold(layer);
-  if (layer + 1 < num_layers_) weights_.prefetch(layer + 1);
+  const bool last = layer == num_layers_ - 1;
+  // Backward starts with the last layer: it stays.
+  if (grad && last) weights_.hold(layer);
+  // What runs next: the next layer, or after the last one the final norm and LM head.
+  weights_.prefetch(last ? kHeadGroup : layer + 1);
   at::Tensor out = checkpoint_ && grad ? run_checkpointed(layer, h_BSD, body) : body(h_BSD);
   if (grad && out.requires_grad()) {
+    // The LM head is used again at the start of backward.
+    if (last) weights_.hold(kHeadGroup);
     const BaseWeights* weights = &weights_;
-    const int64_t num_layers = num_layers_;
-    out.register_hook([weights, layer, num_layers](const at::Tensor&) {
-      // The layer above has finished its backward; this layer's starts now.
-      if (layer + 1 < num_layers) weights->release_held(layer + 1);
+    out.register_hook([weights, layer, last](const at::Tensor&) {
+      // What ran above this layer (the next layer, or the head) has finished its backward; this
+      // layer's starts now.
+      weights->release_held(last ? kHeadGroup : layer + 1);
       weights->hold(layer);
       if (layer > 0) weights->prefetch(layer - 1);
     });

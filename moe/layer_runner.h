@@ -1,11 +1,12 @@
 // How a training pass runs its decoder layers (the LayerRunner seam of forward_context.h): in
 // order, telling the base weights what comes next, and optionally with activation checkpointing.
 //
-// Base weights: before layer i runs, layer i + 1 is prefetched; the last layer and the outer
-// tensors (embedding, final norm, LM head) stay acquired from the forward pass into the backward
-// pass; in backward, a hook on each layer's output acquires that layer again just before its
-// backward starts, prefetches the layer below and lets go of the layer above (whose backward is
-// then over). A whole-tensor base ignores all of it; a sharded one (parallel/) gathers and frees.
+// Base weights: before layer i runs, layer i + 1 (after the last layer: the final norm and LM
+// head) is prefetched; the last layer and the head stay acquired from the forward pass into the
+// backward pass; in backward, a hook on each layer's output acquires that layer again just before
+// its backward starts, prefetches the layer below and lets go of what ran above it (the next
+// layer, or the head), whose backward is then over. The embedding is used only for its lookup.
+// A whole-tensor base ignores all of it; a sharded one (parallel/) gathers and frees.
 //
 // Activation checkpointing: a layer runs without keeping its activations (only its input); in
 // backward it runs again, from the generator state it started with (so dropout and router

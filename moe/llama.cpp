@@ -52,12 +52,15 @@ CausalLM::CausalLM(ModelConfig config, const at::TensorOptions& options,
                         const at::TensorOptions& opts) {
     at::Tensor t = weights_->declare(name, layer, shape, opts);
     base_.emplace_back(name, t);
+    base_group_.emplace(name, layer);
     return t;
   };
   // The fp64 exactness mode computes its RoPE tables in float64 too.
   const at::ScalarType rope_dtype = options.dtype() == at::kDouble ? at::kDouble : at::kFloat;
   inv_freq_ = rope_inv_freq(c.rope, c.head_dim, rope_dtype).to(options.device());
-  embed_VD_ = declare("model.embed_tokens.weight", -1, {c.vocab_size, D}, options);
+  // Tied embeddings serve as the LM head too: they belong to the head's group.
+  embed_VD_ = declare("model.embed_tokens.weight", c.tie_word_embeddings ? kHeadGroup : kEmbeddingGroup,
+                      {c.vocab_size, D}, options);
   layers_.resize(static_cast<size_t>(c.num_layers));
   for (int64_t i = 0; i < c.num_layers; ++i) {
     DecoderLayer& layer = layers_[static_cast<size_t>(i)];
@@ -79,8 +82,14 @@ CausalLM::CausalLM(ModelConfig config, const at::TensorOptions& options,
     layer.up_proj = linear("mlp.up_proj", F, D, c.mlp_bias);
     layer.down_proj = linear("mlp.down_proj", D, F, c.mlp_bias);
   }
-  final_norm_ = RmsNorm(declare("model.norm.weight", -1, {D}, options), c.rms_norm_eps);
-  if (!c.tie_word_embeddings) lm_head_VD_ = declare("lm_head.weight", -1, {c.vocab_size, D}, options);
+  final_norm_ = RmsNorm(declare("model.norm.weight", kHeadGroup, {D}, options), c.rms_norm_eps);
+  if (!c.tie_word_embeddings) lm_head_VD_ = declare("lm_head.weight", kHeadGroup, {c.vocab_size, D}, options);
+}
+
+int64_t CausalLM::base_group(const std::string& name) const {
+  auto it = base_group_.find(name);
+  MOLE_CHECK(it != base_group_.end(), "the model has no frozen tensor '", name, "'");
+  return it->second;
 }
 
 void CausalLM::for_each_base_parameter(
@@ -274,8 +283,11 @@ at::Tensor CausalLM::forward(const at::Tensor& input_ids_BS, ForwardContext& ctx
     at::Tensor diff = pos.unsqueeze(1) - pos.unsqueeze(0);  // query - key
     mask_SS = (diff >= 0).logical_and(diff < *config_.sliding_window);
   }
-  const AcquiredLayer outer(*weights_, -1);  // embedding, final norm, LM head
-  at::Tensor h_BSD = at::embedding(embed_VD_, ids);
+  at::Tensor h_BSD;
+  {
+    const AcquiredLayer embedding(*weights_, config_.tie_word_embeddings ? kHeadGroup : kEmbeddingGroup);
+    h_BSD = at::embedding(embed_VD_, ids);
+  }
   const LayerInputs inputs{rope, mask_SS};
   for (int64_t i = 0; i < num_layers(); ++i) {
     // `inputs` by value: a runner may keep the body and run it again in backward.
@@ -284,6 +296,7 @@ at::Tensor CausalLM::forward(const at::Tensor& input_ids_BS, ForwardContext& ctx
     };
     h_BSD = ctx.layer_runner ? ctx.layer_runner->run(i, h_BSD, body) : body(h_BSD);
   }
+  const AcquiredLayer head(*weights_, kHeadGroup);
   h_BSD = final_norm_.forward(h_BSD);
   return at::linear(h_BSD, lm_head_VD_.defined() ? lm_head_VD_ : embed_VD_);
 }

@@ -137,6 +137,9 @@ class CausalLM {
   // (BaseWeights::assign sets them).
   void for_each_base_parameter(
       const std::function<void(const std::string&, const at::Tensor&)>& fn) const;
+  // The group of base weights frozen tensor `name` is acquired with: its decoder layer, or
+  // kEmbeddingGroup / kHeadGroup (base_weights.h).
+  int64_t base_group(const std::string& name) const;
   // Every plain LoRA tensor, named as PEFT does without the `base_model.model.` prefix, e.g.
   // `model.layers.0.self_attn.q_proj.lora_A.weight`.
   std::vector<NamedTensor> lora_parameters() const;
@@ -177,6 +180,7 @@ class CausalLM {
   at::TensorOptions options_;
   std::shared_ptr<BaseWeights> weights_;
   std::vector<NamedTensor> base_;  // every frozen handle with its name, in declaration order
+  std::map<std::string, int64_t> base_group_;  // name -> group it is acquired with
   at::Tensor inv_freq_;  // [d/2], float32 (float64 for a float64 model)
   at::Tensor embed_VD_;
   std::vector<DecoderLayer> layers_;

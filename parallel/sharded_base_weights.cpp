@@ -11,23 +11,43 @@
 #include "kernels/check.h"
 
 namespace mole::parallel {
-namespace {
 
-// Returns the bytes of `t`'s storage (every view of it keeps its shape and sees no bytes).
-void drop_bytes(const at::Tensor& t) {
+// Takes the bytes of `t`'s storage (every view of it keeps its shape and sees no bytes). Host
+// buffers go to the pool while it and the layers gathered hold at most two of the largest layer
+// (what a pass gathers at once anyway), so that the next gather does not fault fresh pages in
+// and the peak does not grow; CUDA's caching allocator does this itself.
+void ShardedBaseWeights::drop_bytes(const at::Tensor& t) const {
   c10::StorageImpl* storage = t.storage().unsafeGetStorageImpl();
-  storage->set_data_ptr_noswap(at::DataPtr(nullptr, t.device()));
+  const size_t nbytes = storage->nbytes();
+  at::DataPtr old = storage->set_data_ptr(at::DataPtr(nullptr, t.device()));
   storage->set_nbytes(0);
+  if (t.device().is_cpu() && old.get() != nullptr &&
+      gathered_bytes_ + pooled_bytes_ + static_cast<int64_t>(nbytes) <= 2 * max_layer_bytes_) {
+    pooled_bytes_ += static_cast<int64_t>(nbytes);
+    pool_.emplace(nbytes, std::move(old));
+  }
 }
 
-// Gives `t`'s storage `nbytes` fresh (uninitialised) bytes from its allocator.
-void give_bytes(const at::Tensor& t, size_t nbytes) {
+// Gives `t`'s storage `nbytes` (uninitialised) bytes: a pooled buffer of that size, or fresh ones
+// from its allocator.
+void ShardedBaseWeights::give_bytes(const at::Tensor& t, size_t nbytes) const {
   c10::StorageImpl* storage = t.storage().unsafeGetStorageImpl();
-  storage->set_data_ptr_noswap(storage->allocator()->allocate(nbytes));
+  auto it = pool_.find(nbytes);
+  if (it != pool_.end()) {
+    storage->set_data_ptr_noswap(std::move(it->second));
+    pool_.erase(it);
+    pooled_bytes_ -= static_cast<int64_t>(nbytes);
+  } else {
+    // Fresh bytes: pooled buffers of other sizes go first where they would raise the peak.
+    while (!pool_.empty() && gathered_bytes_ + pooled_bytes_ > 2 * max_layer_bytes_) {
+      auto largest = std::prev(pool_.end());
+      pooled_bytes_ -= static_cast<int64_t>(largest->first);
+      pool_.erase(largest);
+    }
+    storage->set_data_ptr_noswap(storage->allocator()->allocate(nbytes));
+  }
   storage->set_nbytes(nbytes);
 }
-
-}  // namespace
 
 ShardedBaseWeights::ShardedBaseWeights(dist::Communicator& group) : group_(group) {}
 
@@ -59,11 +79,14 @@ at::Tensor ShardedBaseWeights::declare(const std::string& name, int64_t layer, c
   // The gathered flat buffer [chunk * n]; the handle is the first numel elements in `shape`.
   e.full = at::empty({e.chunk * n}, options);
   e.handle = e.full.narrow(0, 0, e.numel).view(shape);
-  drop_bytes(e.full);
+  c10::StorageImpl* storage = e.full.storage().unsafeGetStorageImpl();
+  storage->set_data_ptr_noswap(at::DataPtr(nullptr, e.full.device()));
+  storage->set_nbytes(0);
   e.shard = at::zeros({e.chunk}, options);
   Layer& l = layers_[layer];
   l.entries.push_back(entries_.size());
   l.bytes += e.chunk * n * static_cast<int64_t>(e.full.element_size());
+  max_layer_bytes_ = std::max(max_layer_bytes_, l.bytes);
   index_.emplace(name, entries_.size());
   entries_.push_back(std::move(e));
   return entries_.back().handle;
@@ -117,6 +140,8 @@ ShardedBaseWeights::Layer* ShardedBaseWeights::find_layer(int64_t layer) const {
 }
 
 void ShardedBaseWeights::start_gather(Layer& layer) const {
+  gathered_bytes_ += layer.bytes;  // first: give_bytes weighs the pool against it
+  peak_gathered_bytes_ = std::max(peak_gathered_bytes_, gathered_bytes_);
   for (size_t i : layer.entries) {
     const Entry& e = entries_[i];
     give_bytes(e.full, static_cast<size_t>(e.full.numel() * static_cast<int64_t>(e.full.element_size())));
@@ -124,8 +149,6 @@ void ShardedBaseWeights::start_gather(Layer& layer) const {
     layer.works.push_back(group_.all_gather(e.shard, full));
   }
   layer.state = State::kInFlight;
-  gathered_bytes_ += layer.bytes;
-  peak_gathered_bytes_ = std::max(peak_gathered_bytes_, gathered_bytes_);
 }
 
 void ShardedBaseWeights::finish_gather(Layer& layer) const {
@@ -137,9 +160,9 @@ void ShardedBaseWeights::finish_gather(Layer& layer) const {
 void ShardedBaseWeights::free_layer(Layer& layer) const {
   if (layer.state == State::kInFlight) finish_gather(layer);
   if (layer.state == State::kFree) return;
-  for (size_t i : layer.entries) drop_bytes(entries_[i].handle);
   layer.state = State::kFree;
   gathered_bytes_ -= layer.bytes;
+  for (size_t i : layer.entries) drop_bytes(entries_[i].handle);
 }
 
 void ShardedBaseWeights::acquire(int64_t index) const {

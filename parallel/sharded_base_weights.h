@@ -6,7 +6,7 @@
 // then, between acquire and release, and autograd's saved references to them see the bytes again
 // once the layer is gathered for its backward).
 //
-// Layers are the model's decoder layers 0..L-1 and layer -1 (embedding, final norm, LM head).
+// Layers are the groups the model declares its tensors in (decoder layers, embedding, head).
 // Gathers are asynchronous: prefetch(layer) starts one; acquire waits for it. Every rank of the
 // group makes the same calls in the same order (the model's layer order), so their collectives
 // match.
@@ -51,7 +51,7 @@ class ShardedBaseWeights final : public moe::BaseWeights {
 
   // Bytes of the layers gathered or being gathered right now, and the most at any time so far.
   int64_t gathered_bytes() const { return gathered_bytes_; }
-  int64_t peak_gathered_bytes() const { return peak_gathered_bytes_; }
+  int64_t peak_gathered_bytes() const override { return peak_gathered_bytes_; }
   int group_size() const;
 
  private:
@@ -80,6 +80,8 @@ class ShardedBaseWeights final : public moe::BaseWeights {
   void start_gather(Layer& layer) const;
   void finish_gather(Layer& layer) const;
   void free_layer(Layer& layer) const;
+  void drop_bytes(const at::Tensor& t) const;
+  void give_bytes(const at::Tensor& t, size_t nbytes) const;
 
   dist::Communicator& group_;
   std::vector<Entry> entries_;
@@ -87,6 +89,10 @@ class ShardedBaseWeights final : public moe::BaseWeights {
   mutable std::map<int64_t, Layer> layers_;
   mutable int64_t gathered_bytes_ = 0;
   mutable int64_t peak_gathered_bytes_ = 0;
+  int64_t max_layer_bytes_ = 0;
+  // Freed host buffers by size, for the next gathers.
+  mutable std::multimap<size_t, at::DataPtr> pool_;
+  mutable int64_t pooled_bytes_ = 0;
 };
 
 }  // namespace mole::parallel

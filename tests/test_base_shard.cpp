@@ -83,6 +83,28 @@ TEST_F(BaseShardTrain, ShardedBaseAndCheckpointedLayersReproduceTheWholeBase) {
   EXPECT_NEAR(base_mib(log_of("dp2-shard2")), base_mib(log_of("dp2")) / 2, 0.02) << log_of("dp2-shard2");
   EXPECT_NEAR(base_mib(log_of("ep2-shard4")), base_mib(log_of("ep2")) / 4, 0.02) << log_of("ep2-shard4");
   EXPECT_NE(log_of("ep2-shard4").find("(1/4 of each tensor, parallel.base_shard)"), std::string::npos);
+  // summary.json's memory: the gathered layers' peak is reported for a sharded base only; a pass
+  // holds at most two groups at once (one in use, the next prefetched), less than the whole base.
+  const auto memory_of = [&](const std::string& run) {
+    return nlohmann::json::parse(test::read_bytes(run + "/summary.json")).at("memory");
+  };
+  EXPECT_EQ(memory_of(dp).at("gathered_bytes").get<int64_t>(), 0);
+  const int64_t whole_base = memory_of(dp).at("base_bytes").get<int64_t>();
+  const int64_t gathered = memory_of(dp_sharded).at("gathered_bytes").get<int64_t>();
+  EXPECT_GT(gathered, 0);
+  EXPECT_LT(gathered, whole_base);
+
+  // The per-linear methods (routers on attention inputs, the contrastive and entropy losses) on
+  // two ranks, one group of 2.
+  for (const std::string& method : {std::string(" --set adapter.method=mola --set adapter.experts=2,2,4,4"),
+                                    std::string(" --set adapter.method=moelora --set adapter.contrastive_coef=0.1"),
+                                    std::string(" --set adapter.method=dynmole")}) {
+    const std::string name = method.substr(method.find('=') + 1, 4);
+    const std::string ref = train(2, name, kFp64 + method, 3);
+    const std::string got = train(2, name + "-shard2", kFp64 + method + kShard2, 3);
+    test::expect_same_steps(ref, got, 3, kExact);
+    EXPECT_LE(test::worst_weight_error(ref, got), kExact) << method;
+  }
 
   // float32: the losses agree to 1e-5 (the same arithmetic: observed equal).
   const std::string dp32 = train(2, "dp2-fp32", "", 3);

@@ -146,12 +146,15 @@ TEST(BaseWeights, EveryLayerIsAcquiredAroundItsUse) {
   std::sort(declared.begin(), declared.end());
   EXPECT_EQ(declared, base_names);
   model->forward(at::randint(0, 64, {1, 6}, at::kLong));
-  std::vector<std::pair<std::string, int64_t>> expected = {{"acquire", -1}};
+  // The embedding for its lookup, each layer, then the final norm and LM head.
+  std::vector<std::pair<std::string, int64_t>> expected = {{"acquire", moe::kEmbeddingGroup},
+                                                           {"release", moe::kEmbeddingGroup}};
   for (int64_t i = 0; i < model->num_layers(); ++i) {
     expected.emplace_back("acquire", i);
     expected.emplace_back("release", i);
   }
-  expected.emplace_back("release", -1);
+  expected.emplace_back("acquire", moe::kHeadGroup);
+  expected.emplace_back("release", moe::kHeadGroup);
   EXPECT_EQ(weights->events, expected);
 }
 
@@ -172,16 +175,20 @@ TEST(BaseWeights, TrainingLayersScheduleForwardAndBackward) {
       ctx.layer_runner = &layers;
       model->forward(at::randint(0, 64, {1, 6}, at::kLong), ctx).sum().backward();
     }
-    std::vector<std::pair<std::string, int64_t>> expected = {{"acquire", -1}, {"hold", -1}};
+    const int64_t head = moe::kHeadGroup;
+    std::vector<std::pair<std::string, int64_t>> expected = {{"acquire", moe::kEmbeddingGroup},
+                                                             {"release", moe::kEmbeddingGroup}};
     for (int64_t i = 0; i < L; ++i) {
       if (i == L - 1) expected.emplace_back("hold", i);
-      if (i + 1 < L) expected.emplace_back("prefetch", i + 1);
+      expected.emplace_back("prefetch", i + 1 < L ? i + 1 : head);
       expected.emplace_back("acquire", i);
       expected.emplace_back("release", i);
+      if (i == L - 1) expected.emplace_back("hold", head);
     }
-    expected.emplace_back("release", -1);
+    expected.emplace_back("acquire", head);
+    expected.emplace_back("release", head);
     for (int64_t i = L - 1; i >= 0; --i) {
-      if (i + 1 < L) expected.emplace_back("release_held", i + 1);
+      expected.emplace_back("release_held", i + 1 < L ? i + 1 : head);
       expected.emplace_back("hold", i);
       if (i > 0) expected.emplace_back("prefetch", i - 1);
       if (checkpoint) {  // the recompute, inside the layer's own bracket
