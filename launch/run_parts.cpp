@@ -201,7 +201,9 @@ RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid) {
   check_supported(config);
   // One process with parallel.ep > 1 (not under mpirun) is a layout error like any other (the
   // process grid checks multi-rank layouts).
-  if (!grid) parallel::ParallelDims(1, static_cast<int>(config.parallel.ep));
+  if (!grid) {
+    parallel::ParallelDims(1, static_cast<int>(config.parallel.ep), 0, static_cast<int>(config.parallel.base_shard));
+  }
   RunParts run;
   run.config = std::move(config);
   run.grid = std::move(grid);

@@ -157,10 +157,9 @@ TrainSummary Trainer::run() {
 
 void Trainer::evaluate_and_log(MetricsSink& sink, int64_t step) {
   // Under expert parallelism every rank takes part in the forward passes.
-  // So does every rank of a sharded base (the layers are gathered collectively).
-  if (parts_.eval_examples.empty() || (!sink.lead() && !parts_.dispatcher && parts_.config.parallel.base_shard == 0)) {
-    return;
-  }
+  // So does every rank of rank 0's base-shard group (its layers are gathered collectively).
+  const bool in_lead_base_group = rank() < parts_.config.parallel.base_shard;
+  if (parts_.eval_examples.empty() || (!sink.lead() && !parts_.dispatcher && !in_lead_base_group)) return;
   const EvalResult e = evaluate(*parts_.model, parts_.eval_examples, parts_.config.train.micro_batch,
                                 parts_.tokenizer->pad_id(), parts_.moe_dispatcher());
   sink.on_eval(step, e);
@@ -170,9 +169,10 @@ void Trainer::export_adapter() {
   const Config& c = parts_.config;
   dist::Communicator* ep = parts_.dispatcher ? &parts_.grid->ep() : nullptr;
   const std::vector<moe::NamedTensor> whole = parallel::gather_trainable(*parts_.registry, ep);
-  // A synthetic base is written beside the adapter: gathered first when it is sharded.
+  // A synthetic base is written beside the adapter: gathered first (by rank 0's base-shard group)
+  // when it is sharded.
   std::vector<moe::NamedTensor> base_tensors;
-  if (parts_.synthetic_base() && c.parallel.base_shard > 0) base_tensors = whole_base(*parts_.model, rank() == 0);
+  if (parts_.synthetic_base() && rank() < c.parallel.base_shard) base_tensors = whole_base(*parts_.model, rank() == 0);
   if (rank() != 0) return;
   // Never an adapter with non-finite values: a reader would trust it.
   for (const moe::NamedTensor& t : whole) {

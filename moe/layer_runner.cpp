@@ -25,6 +25,25 @@ struct TrainingLayers::Checkpoint {
 
 namespace {
 
+// Sets `gen` to `state` for a scope and restores the state it had, also on an exception.
+class ReplayedDraws {
+ public:
+  ReplayedDraws(std::optional<at::Generator> gen, const at::Tensor& state) : gen_(std::move(gen)) {
+    if (!gen_ || !state.defined()) return;
+    saved_ = gen_->get_state();
+    gen_->set_state(state);
+  }
+  ~ReplayedDraws() {
+    if (saved_.defined()) gen_->set_state(saved_);
+  }
+  ReplayedDraws(const ReplayedDraws&) = delete;
+  ReplayedDraws& operator=(const ReplayedDraws&) = delete;
+
+ private:
+  std::optional<at::Generator> gen_;
+  at::Tensor saved_;
+};
+
 // The differentiable tensors of a router record, in a fixed order (undefined ones skipped).
 std::vector<at::Tensor*> differentiable(SiteRecord& r) {
   std::vector<at::Tensor*> out;
@@ -76,19 +95,14 @@ class CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
                                                  torch::autograd::variable_list grads) {
     auto* cp = reinterpret_cast<TrainingLayers::Checkpoint*>(actx->saved_data["checkpoint"].toInt());
     const AcquiredLayer acquired(*cp->weights, cp->layer);  // held through the recompute's backward
-    std::optional<at::Generator> gen = cp->ctx->generator;
-    at::Tensor now;
-    if (gen && cp->rng_state.defined()) {
-      now = gen->get_state();
-      gen->set_state(cp->rng_state);
-    }
     at::Tensor h = cp->input.detach().requires_grad_(cp->input_needs_grad);
     torch::autograd::variable_list outputs;
     {
+      // The recompute draws what the forward drew; the stream then goes on where it was.
+      const ReplayedDraws replay(cp->ctx->generator, cp->rng_state);
       at::AutoGradMode enable(true);
       outputs.push_back(cp->body(h));
     }
-    if (now.defined()) gen->set_state(now);
     for (const std::string& site : cp->sites) {
       for (at::Tensor* t : differentiable(record_named(*cp->ctx, site))) outputs.push_back(*t);
     }

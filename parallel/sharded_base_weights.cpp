@@ -142,13 +142,15 @@ ShardedBaseWeights::Layer* ShardedBaseWeights::find_layer(int64_t layer) const {
 void ShardedBaseWeights::start_gather(Layer& layer) const {
   gathered_bytes_ += layer.bytes;  // first: give_bytes weighs the pool against it
   peak_gathered_bytes_ = std::max(peak_gathered_bytes_, gathered_bytes_);
+  // In flight from the first gather on: should a later one fail to start, the ones started are
+  // still waited for (free_layer, the destructor) before their buffers are touched.
+  layer.state = State::kInFlight;
   for (size_t i : layer.entries) {
     const Entry& e = entries_[i];
     give_bytes(e.full, static_cast<size_t>(e.full.numel() * static_cast<int64_t>(e.full.element_size())));
     at::Tensor full = e.full;  // all_gather's output parameter is a non-const reference
     layer.works.push_back(group_.all_gather(e.shard, full));
   }
-  layer.state = State::kInFlight;
 }
 
 void ShardedBaseWeights::finish_gather(Layer& layer) const {

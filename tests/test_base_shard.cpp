@@ -138,24 +138,28 @@ TEST_F(BaseShardTrain, ShardedFolderLoadsTheSameModelAndEachRankReadsItsPart) {
   }
   ASSERT_GE(shard_files, 3u);
   ASSERT_TRUE(fs::exists(folder + "/model.safetensors.index.json"));
-  const std::string small = " --set model.base=" + folder + " --set data.seq_len=32 --set train.global_batch=4";
+  const std::string small =
+      " --set model.base=" + folder + " --set data.seq_len=32 --set train.global_batch=4 --set data.synthetic_examples=16";
   const auto run2 = [&](const std::string& name, const std::string& extra) {
     const std::string out = dir_.file(name);
+    // With evaluation at the end: rank 0 alone with the whole base, both ranks of the group when
+    // sharded.
     const std::string cmd = "OMP_NUM_THREADS=1 " + test::mpirun(2) + test::demo_train_args(out, 1) +
-                            " --set train.steps=2" + small + extra;
+                            " --set train.steps=2 --set data.eval=synthetic:multitask" + small + extra;
     EXPECT_EQ(test::run(cmd, dir_.file(name + ".log")), 0) << cmd << "\n" << log_of(name);
     return out;
   };
   const std::string whole = run2("whole", "");
   const std::string sharded = run2("sharded", kShard2);
-  // The same model: the same losses and gradient norms, bit for bit.
+  // The same model: the same losses, gradient norms and evaluation, bit for bit.
   const auto a = test::metrics(whole), b = test::metrics(sharded);
-  ASSERT_EQ(a.size(), 2u);
+  ASSERT_EQ(a.size(), 3u);  // two steps, then the evaluation
   ASSERT_EQ(b.size(), a.size());
-  for (size_t i = 0; i < a.size(); ++i) {
+  for (size_t i = 0; i < 2; ++i) {
     EXPECT_EQ(b[i].at("loss").get<double>(), a[i].at("loss").get<double>()) << "step " << i + 1;
     EXPECT_EQ(b[i].at("grad_norm").get<double>(), a[i].at("grad_norm").get<double>()) << "step " << i + 1;
   }
+  EXPECT_EQ(b[2].at("eval_loss").get<double>(), a[2].at("eval_loss").get<double>());
   // What the load made resident of the mapped files in rank 0's process: all of them without
   // sharding; about half (its part, plus the pages the kernel maps around each fault) with it.
   const std::regex read_line(R"(base files: ([0-9.]+) MiB of the ([0-9.]+) MiB mapped)");

@@ -232,6 +232,10 @@ TEST(Trainer, UnsupportedOptionsAreClearErrors) {
   EXPECT_NE(no_checkpoint.find("is not a committed checkpoint folder (no manifest.pb there)"), std::string::npos)
       << no_checkpoint;
   EXPECT_THROW(launch::Trainer(with(small_config(dir.path()), {"train.global_batch=6"})), Error);
+  // One process has no group to shard the base over.
+  const std::string shard =
+      test::error_of([&] { launch::Trainer(with(small_config(dir.path()), {"parallel.base_shard=2"})); });
+  EXPECT_NE(shard.find("world size 1 is not divisible by parallel.base_shard = 2"), std::string::npos) << shard;
 }
 
 // ZeRO on one process has nothing to shard: it trains exactly as stage 0.
