@@ -16,9 +16,13 @@
 #include "launch/export_command.h"
 #include "launch/forward_command.h"
 #include "launch/inspect_command.h"
+#include "launch/memory_stats.h"
+#include "launch/plan_command.h"
 #include "launch/trainer.h"
 
 int main(int argc, char** argv) {
+  // Before any tensor: summary.json and `mole plan` read the bytes of the CPU tensors.
+  mole::launch::track_cpu_tensor_bytes();
   CLI::App app{"mole: Mixture-of-LoRA-Experts fine-tuning for LLaMA-family models"};
   app.require_subcommand(1);
   bool verbose = false;
@@ -32,6 +36,8 @@ int main(int argc, char** argv) {
   mole::launch::add_export_command(app, export_options);
   mole::launch::InspectOptions inspect;
   mole::launch::add_inspect_command(app, inspect);
+  mole::launch::PlanOptions plan;
+  mole::launch::add_plan_command(app, plan);
   mole::launch::BenchOptions bench;
   mole::launch::add_bench_command(app, bench);
 
@@ -69,6 +75,7 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("export")) mole::launch::run_export(export_options);
     if (app.got_subcommand("inspect")) mole::launch::run_inspect(inspect);
     if (app.got_subcommand("bench")) mole::launch::run_bench(bench);
+    if (app.got_subcommand("plan")) mole::launch::run_plan(plan);
   } catch (const mole::Error& e) {
     spdlog::error("{}", e.what());
     return 1;

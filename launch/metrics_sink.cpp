@@ -223,6 +223,10 @@ void MetricsSink::write_summary(const TrainSummary& s) const {
                     {"optimizer_bytes", s.optimizer_bytes}, {"base_bytes", s.base_bytes},
                     {"gathered_bytes", s.gathered_bytes}, {"peak_host_bytes", s.peak_host_bytes}};
   if (s.peak_device_bytes >= 0) done["memory"]["peak_device_bytes"] = s.peak_device_bytes;
+  if (s.step_peak_bytes >= 0) {
+    done["memory"]["step_peak_bytes"] = s.step_peak_bytes;
+    done["memory"]["activation_bytes"] = s.activation_bytes;
+  }
   if (!s.zero_groups.empty()) {
     nlohmann::json groups = nlohmann::json::array();
     for (const TrainSummary::ShardGroup& g : s.zero_groups) {

@@ -43,6 +43,11 @@ struct TrainSummary {
   int64_t gathered_bytes = 0;      // a sharded base: the most it had gathered at once (else 0)
   int64_t peak_host_bytes = 0;     // this process's peak resident set
   int64_t peak_device_bytes = -1;  // the CUDA caching allocator's peak (-1: not on CUDA)
+  // The most bytes of tensors (on the model's device) held at once during a training step (-1:
+  // not tracked), and what of it is not in the categories above: activations kept for backward
+  // and the step's transients.
+  int64_t step_peak_bytes = -1;
+  int64_t activation_bytes = -1;
   // ZeRO's flat buffers on this rank: group ("world" or "edp"), bucket, elements, ranks, slice
   // per rank.
   struct ShardGroup {

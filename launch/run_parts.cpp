@@ -157,16 +157,20 @@ int RunParts::world() const { return grid ? grid->dims().world() : 1; }
 bool RunParts::synthetic_base() const { return config.model.base.rfind("synthetic:", 0) == 0; }
 const moe::Dispatcher* RunParts::moe_dispatcher() const { return dispatcher.get(); }
 
-std::unique_ptr<moe::CausalLM> synthetic_base_model(const Config& c, int64_t tokenizer_vocab,
-                                                    const at::TensorOptions& options, const at::Generator& gen,
-                                                    std::shared_ptr<moe::BaseWeights> weights) {
+moe::ModelConfig synthetic_shape(const Config& c, int64_t tokenizer_vocab) {
   MOLE_CHECK(c.model.base.rfind("synthetic:", 0) == 0, "'", c.model.base, "' is not a synthetic base");
   const std::string preset = c.model.base.substr(10);
   moe::ModelConfig shape = preset == "tiny" ? moe::tiny_model_config(tokenizer_vocab) : moe::model_preset(preset);
   MOLE_CHECK(c.model.layers <= shape.num_layers, "model.layers is ", c.model.layers, " but ", c.model.base, " has ",
              shape.num_layers, " decoder layers");
   if (c.model.layers > 0) shape.num_layers = c.model.layers;
-  auto model = std::make_unique<moe::CausalLM>(shape, options, std::move(weights));
+  return shape;
+}
+
+std::unique_ptr<moe::CausalLM> synthetic_base_model(const Config& c, int64_t tokenizer_vocab,
+                                                    const at::TensorOptions& options, const at::Generator& gen,
+                                                    std::shared_ptr<moe::BaseWeights> weights) {
+  auto model = std::make_unique<moe::CausalLM>(synthetic_shape(c, tokenizer_vocab), options, std::move(weights));
   model->init_base_random(gen);
   return model;
 }

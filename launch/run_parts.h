@@ -55,6 +55,10 @@ struct RunParts {
 // parts may need it).
 RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid);
 
+// The architecture of model.base synthetic:<preset> (tiny: sized to `tokenizer_vocab`), cut to
+// model.layers. Throws naming the preset when it is unknown, or the layers when too many.
+moe::ModelConfig synthetic_shape(const Config& c, int64_t tokenizer_vocab);
+
 // model.base synthetic:<preset>: the preset's architecture (tiny: sized to `tokenizer_vocab`),
 // cut to model.layers, its weights drawn from `gen` (a generator seeded by train.seed, used for
 // nothing before) one whole tensor at a time, of which `weights` keeps its part (null: whole

@@ -86,8 +86,13 @@ TrainSummary Trainer::run() {
   // No progress bar under mpirun, whose forwarded stdout may look like a terminal.
   MetricsSink sink(c, rank() == 0, world() == 1 && isatty(fileno(stdout)), parts_.spec.is_moe(),
                    parts_.model->options().device(), resumed_from_.empty() ? -1 : counters_.step);
+  const at::Device device = parts_.model->options().device();
   while (counters_.step < c.train.steps) {
-    sink.on_step(step());
+    // The step's peak of tensor bytes (checkpoint saves and evaluation are not in it).
+    reset_peak_tensor_bytes(device);
+    StepResult result = step();
+    step_peak_bytes_ = std::max(step_peak_bytes_, peak_tensor_bytes(device));
+    sink.on_step(result);
     const int64_t done = counters_.step;
     if (c.train.eval_every > 0 && done % c.train.eval_every == 0 && done != c.train.steps) {
       evaluate_and_log(sink, done);
@@ -135,6 +140,12 @@ TrainSummary Trainer::run() {
   summary.gathered_bytes = parts_.model->base_weights().peak_gathered_bytes();
   summary.peak_host_bytes = static_cast<int64_t>(peak_host_mib() * 1024.0 * 1024.0);
   summary.peak_device_bytes = peak_cuda_allocated_bytes(parts_.model->options().device());
+  if (step_peak_bytes_ >= 0) {
+    summary.step_peak_bytes = step_peak_bytes_;
+    summary.activation_bytes = step_peak_bytes_ - (summary.base_bytes + summary.gathered_bytes +
+                                                   summary.trainable_bytes + summary.grad_bytes +
+                                                   summary.optimizer_bytes);
+  }
   for (const parallel::FlatLayout& l : parts_.optimizer->flat_layouts()) {
     summary.zero_groups.push_back(
         {l.group, l.bucket, l.numel, l.slice > 0 ? l.padded / l.slice : 0, l.slice});

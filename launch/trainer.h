@@ -81,6 +81,7 @@ class Trainer {
   StepCounters counters_;
   std::string resumed_from_;  // the checkpoint the run continued from, if any
   std::unique_ptr<AsyncCheckpointer> async_;  // checkpoint.async
+  int64_t step_peak_bytes_ = -1;  // the most tensor bytes a step held (-1: not tracked)
 };
 
 // SIGTERM and SIGUSR1 (what schedulers send before preemption) make Trainer::run finish the

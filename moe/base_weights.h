@@ -50,8 +50,8 @@ class BaseWeights {
   virtual at::Tensor kept_part(const std::string& name, const at::Tensor& value) const = 0;
   // Bytes of frozen weights this rank keeps between uses.
   virtual int64_t held_bytes() const = 0;
-  // The most bytes of whole (gathered) layers held at once so far, beyond held_bytes(): zero for a
-  // whole-tensor base.
+  // The most bytes of whole (gathered) layers held at once so far, with any buffers kept for the
+  // next gathers, beyond held_bytes(): zero for a whole-tensor base.
   virtual int64_t peak_gathered_bytes() const { return 0; }
   // Every frozen tensor's kept part (flattened; whole tensors for a whole-tensor base), in
   // declaration order: the values a rank can read without gathering.

@@ -141,7 +141,6 @@ ShardedBaseWeights::Layer* ShardedBaseWeights::find_layer(int64_t layer) const {
 
 void ShardedBaseWeights::start_gather(Layer& layer) const {
   gathered_bytes_ += layer.bytes;  // first: give_bytes weighs the pool against it
-  peak_gathered_bytes_ = std::max(peak_gathered_bytes_, gathered_bytes_);
   // In flight from the first gather on: should a later one fail to start, the ones started are
   // still waited for (free_layer, the destructor) before their buffers are touched.
   layer.state = State::kInFlight;
@@ -151,6 +150,8 @@ void ShardedBaseWeights::start_gather(Layer& layer) const {
     at::Tensor full = e.full;  // all_gather's output parameter is a non-const reference
     layer.works.push_back(group_.all_gather(e.shard, full));
   }
+  // What the base's buffers hold now: the gathered layers and the host pool.
+  peak_gathered_bytes_ = std::max(peak_gathered_bytes_, gathered_bytes_ + pooled_bytes_);
 }
 
 void ShardedBaseWeights::finish_gather(Layer& layer) const {

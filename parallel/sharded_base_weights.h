@@ -49,7 +49,8 @@ class ShardedBaseWeights final : public moe::BaseWeights {
   int64_t held_bytes() const override;
   void for_each_kept(const std::function<void(const std::string&, const at::Tensor&)>& fn) const override;
 
-  // Bytes of the layers gathered or being gathered right now, and the most at any time so far.
+  // Bytes of the layers gathered or being gathered right now; the most that the gathered layers
+  // and the host pool of freed buffers held at once so far.
   int64_t gathered_bytes() const { return gathered_bytes_; }
   int64_t peak_gathered_bytes() const override { return peak_gathered_bytes_; }
   int group_size() const;

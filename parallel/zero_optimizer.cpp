@@ -45,6 +45,28 @@ std::vector<FlatLayout> flat_layouts(const ParameterRegistry& registry, ReplicaG
   return out;
 }
 
+OptimizerMemory zero_memory(const std::vector<FlatLayout>& layouts,
+                            const std::vector<int64_t>& element_bytes, int stage) {
+  MOLE_CHECK(layouts.size() == element_bytes.size(), layouts.size(), " layouts but ",
+             element_bytes.size(), " element sizes");
+  OptimizerMemory m;
+  int64_t largest_bucket = 0;
+  for (size_t i = 0; i < layouts.size(); ++i) {
+    const FlatLayout& l = layouts[i];
+    const int64_t element = element_bytes[i];
+    m.trainable_bytes += l.numel * element;
+    // Both stages keep the reduced slices; stage 1 holds the whole gradient until it is reduced,
+    // stage 2 a bucket's gradients until that bucket is (the collectives' transient buffers are
+    // not counted, as without ZeRO).
+    m.grad_bytes += l.slice * element;
+    if (stage == 1) m.grad_bytes += l.numel * element;
+    else largest_bucket = std::max(largest_bucket, l.numel * element);
+    m.optimizer_bytes += 2 * l.slice * element;
+  }
+  m.grad_bytes += largest_bucket;
+  return m;
+}
+
 namespace {
 
 // The part of one slot inside this rank's slice.
@@ -310,21 +332,13 @@ class ZeroAdamW final : public Optimizer {
   }
 
   OptimizerMemory memory() const override {
-    OptimizerMemory m;
-    int64_t largest_bucket = 0;
+    std::vector<FlatLayout> layouts;
+    std::vector<int64_t> element_bytes;
     for (const Group& g : groups_) {
-      const int64_t element = static_cast<int64_t>(g.tensors.front().element_size());
-      m.trainable_bytes += g.layout.numel * element;
-      // Both stages keep the reduced slices; stage 1 holds the whole gradient until it is reduced,
-      // stage 2 a bucket's gradients until that bucket is (the collectives' transient buffers are
-      // not counted, as without ZeRO).
-      m.grad_bytes += g.layout.slice * element;
-      if (stage_ == 1) m.grad_bytes += g.layout.numel * element;
-      else largest_bucket = std::max(largest_bucket, g.layout.numel * element);
-      m.optimizer_bytes += 2 * g.layout.slice * element;
+      layouts.push_back(g.layout);
+      element_bytes.push_back(static_cast<int64_t>(g.tensors.front().element_size()));
     }
-    m.grad_bytes += largest_bucket;
-    return m;
+    return zero_memory(layouts, element_bytes, stage_);
   }
 
   std::vector<FlatLayout> flat_layouts() const override {

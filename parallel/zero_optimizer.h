@@ -47,4 +47,11 @@ std::unique_ptr<Optimizer> make_zero_optimizer(const ParameterRegistry& registry
 std::vector<FlatLayout> flat_layouts(const ParameterRegistry& registry, ReplicaGroup group,
                                      int group_size, int group_rank, int64_t bucket_elements);
 
+// What a ZeRO `stage` optimizer keeps with these buckets, whose elements have `element_bytes`
+// each (one entry per layout): the whole trainable tensors, the reduced gradient slices plus, at
+// stage 1, the whole gradient backward writes, at stage 2 the largest bucket, and the moments of
+// the slices.
+OptimizerMemory zero_memory(const std::vector<FlatLayout>& layouts,
+                            const std::vector<int64_t>& element_bytes, int stage);
+
 }  // namespace mole::parallel
