@@ -55,7 +55,7 @@ Timing time_variant(const BenchOptions& o, const Variant& v) {
   at::TensorOptions opts = at::TensorOptions(o.dtype == "bf16" ? at::kBFloat16 : at::kFloat).device(device);
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(0);
   moe::CausalLM model(bench_config(o), opts);
-  model.init_base_random(gen);
+  model.init_base_random(0);
   moe::AdapterSpec spec;
   spec.method = v.method;
   spec.lora = spec.expert_lora = {o.rank, 2.0 * o.rank, false, 0.0};

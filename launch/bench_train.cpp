@@ -80,7 +80,7 @@ void bench_train(const BenchOptions& o) {
   // The base is drawn on its device: a 7B model is filled on the GPU without a host copy.
   const auto build_start = Clock::now();
   moe::CausalLM model(shape, options);
-  model.init_base_random(moe::make_generator(o.seed, device));
+  model.init_base_random(o.seed, device);
   at::Generator init_gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   const moe::AdapterSpec spec = adapter_spec(config, model.num_layers());
   moe::attach_adapter(model, spec, init_gen);

@@ -70,9 +70,8 @@ void export_checkpoint(const std::string& folder, const ExportOptions& o) {
   if (synthetic) {
     tokenizer_spec = c.data.tokenizer.empty() ? "byte" : c.data.tokenizer;
     const std::unique_ptr<Tokenizer> tokenizer = make_tokenizer(tokenizer_spec);
-    // The same draw as the run's (build_run): the base first, from a generator seeded by train.seed.
-    synthetic_model = synthetic_base_model(c, tokenizer->vocab_size(), model_options(c).device(at::kCPU),
-                                           at::make_generator<at::CPUGeneratorImpl>(c.train.seed));
+    // The same draw as the run's (build_run), from train.seed.
+    synthetic_model = synthetic_base_model(c, tokenizer->vocab_size(), model_options(c).device(at::kCPU));
     MOLE_CHECK(base_fingerprint(*synthetic_model, c.train.seed) == m.base_fingerprint(), "checkpoint '",
                folder, "': its synthetic base model, drawn again from train.seed ", c.train.seed,
                ", does not match the fingerprint it records (tokenizer '", tokenizer_spec, "')");

@@ -168,10 +168,10 @@ moe::ModelConfig synthetic_shape(const Config& c, int64_t tokenizer_vocab) {
 }
 
 std::unique_ptr<moe::CausalLM> synthetic_base_model(const Config& c, int64_t tokenizer_vocab,
-                                                    const at::TensorOptions& options, const at::Generator& gen,
+                                                    const at::TensorOptions& options,
                                                     std::shared_ptr<moe::BaseWeights> weights) {
   auto model = std::make_unique<moe::CausalLM>(synthetic_shape(c, tokenizer_vocab), options, std::move(weights));
-  model->init_base_random(gen);
+  model->init_base_random(c.train.seed);
   return model;
 }
 
@@ -226,7 +226,7 @@ RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid) {
     weights = std::make_shared<parallel::ShardedBaseWeights>(run.grid->base());
   }
   if (run.synthetic_base()) {
-    run.model = synthetic_base_model(c, run.tokenizer->vocab_size(), options, init_gen, weights);
+    run.model = synthetic_base_model(c, run.tokenizer->vocab_size(), options, weights);
   } else {
     run.model = ckpt::load_model(c.model.base, options, weights);
   }

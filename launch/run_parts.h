@@ -60,11 +60,11 @@ RunParts build_run(Config config, std::shared_ptr<parallel::ProcessGrid> grid);
 moe::ModelConfig synthetic_shape(const Config& c, int64_t tokenizer_vocab);
 
 // model.base synthetic:<preset>: the preset's architecture (tiny: sized to `tokenizer_vocab`),
-// cut to model.layers, its weights drawn from `gen` (a generator seeded by train.seed, used for
-// nothing before) one whole tensor at a time, of which `weights` keeps its part (null: whole
-// tensors), so every layout holds the same model. Throws naming the preset when it is unknown.
+// cut to model.layers, its weights drawn on the host from train.seed (CausalLM::init_base_random):
+// each rank draws only the part of each tensor `weights` keeps (null: whole tensors), and every
+// layout holds the same model. Throws naming the preset when it is unknown.
 std::unique_ptr<moe::CausalLM> synthetic_base_model(const Config& c, int64_t tokenizer_vocab,
-                                                    const at::TensorOptions& options, const at::Generator& gen,
+                                                    const at::TensorOptions& options,
                                                     std::shared_ptr<moe::BaseWeights> weights = nullptr);
 
 // The adapter `c.adapter` describes for a model of `num_layers` layers (the allocation of experts

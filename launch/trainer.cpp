@@ -146,6 +146,14 @@ TrainSummary Trainer::run() {
                                                    summary.trainable_bytes + summary.grad_bytes +
                                                    summary.optimizer_bytes);
   }
+  if (rank() == 0) {
+    const auto mib = [](int64_t bytes) { return static_cast<double>(bytes) / (1 << 20); };
+    spdlog::info("memory of rank 0: base {:.1f} MiB, gathered {:.1f} MiB, trainable {:.1f} MiB, gradients {:.1f} MiB, "
+                 "optimizer {:.1f} MiB; a step's peak {:.1f} MiB of tensors (activations {:.1f} MiB); peak RSS {:.1f} MiB",
+                 mib(summary.base_bytes), mib(summary.gathered_bytes), mib(summary.trainable_bytes),
+                 mib(summary.grad_bytes), mib(summary.optimizer_bytes), mib(summary.step_peak_bytes),
+                 mib(summary.activation_bytes), mib(summary.peak_host_bytes));
+  }
   for (const parallel::FlatLayout& l : parts_.optimizer->flat_layouts()) {
     summary.zero_groups.push_back(
         {l.group, l.bucket, l.numel, l.slice > 0 ? l.padded / l.slice : 0, l.slice});

@@ -30,6 +30,21 @@ at::Tensor LocalBaseWeights::kept_part(const std::string& name, const at::Tensor
   return value.reshape({-1});
 }
 
+std::pair<int64_t, int64_t> LocalBaseWeights::kept_range(const std::string& name) const {
+  auto it = tensors_.find(name);
+  MOLE_CHECK(it != tensors_.end(), "the model has no frozen tensor '", name, "'");
+  return {0, it->second.numel()};
+}
+
+void LocalBaseWeights::assign_kept(const std::string& name, const at::Tensor& part) {
+  auto it = tensors_.find(name);
+  MOLE_CHECK(it != tensors_.end(), "the model has no frozen tensor '", name, "'");
+  MOLE_CHECK(part.dim() == 1 && part.numel() == it->second.numel(), "frozen tensor '", name, "': got ",
+             part.sizes(), " elements, it has ", it->second.numel());
+  at::NoGradGuard no_grad;
+  it->second.view({-1}).copy_(part);
+}
+
 int64_t LocalBaseWeights::held_bytes() const {
   int64_t bytes = 0;
   for (const auto& [name, t] : tensors_) bytes += t.numel() * static_cast<int64_t>(t.element_size());

@@ -15,6 +15,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace mole::moe {
@@ -48,6 +49,12 @@ class BaseWeights {
   // The part of frozen tensor `name`'s value this rank keeps, flattened (a whole-tensor base: all
   // of it): what a loader has to read and check. `value` as assign() takes it.
   virtual at::Tensor kept_part(const std::string& name, const at::Tensor& value) const = 0;
+  // The elements [first, second) of frozen tensor `name`, flattened, that this rank keeps (a
+  // whole-tensor base: all of them).
+  virtual std::pair<int64_t, int64_t> kept_range(const std::string& name) const = 0;
+  // Sets the elements this rank keeps of `name` from `part`: kept_range()'s elements, flattened
+  // (any floating dtype and device). Whoever makes values can so make only these.
+  virtual void assign_kept(const std::string& name, const at::Tensor& part) = 0;
   // Bytes of frozen weights this rank keeps between uses.
   virtual int64_t held_bytes() const = 0;
   // The most bytes of whole (gathered) layers held at once so far, with any buffers kept for the
@@ -82,6 +89,8 @@ class LocalBaseWeights final : public BaseWeights {
   void acquire(int64_t) const override {}
   void release(int64_t) const override {}
   at::Tensor kept_part(const std::string& name, const at::Tensor& value) const override;
+  std::pair<int64_t, int64_t> kept_range(const std::string& name) const override;
+  void assign_kept(const std::string& name, const at::Tensor& part) override;
   int64_t held_bytes() const override;
   void for_each_kept(const std::function<void(const std::string&, const at::Tensor&)>& fn) const override;
 

@@ -4,12 +4,14 @@
 #include <ATen/ATen.h>
 #include <ATen/core/Reduction.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
 #include "kernels/check.h"
 #include "kernels/torch_compat.h"
 #include "moe/precision.h"
+#include "moe/random.h"
 
 namespace mole::moe {
 
@@ -157,21 +159,57 @@ std::vector<NamedTensor> CausalLM::trainable_parameters() const {
   return out;
 }
 
-void CausalLM::init_base_random(const at::Generator& gen) {
+namespace {
+
+uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// FNV-1a: a tensor's stream follows from its name, not from its place in any order.
+uint64_t name_hash(const std::string& name) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char c : name) h = (h ^ c) * 0x100000001b3ull;
+  return h;
+}
+
+}  // namespace
+
+void CausalLM::init_base_random(uint64_t seed, const at::Device& device) {
   at::NoGradGuard no_grad;
   for_each_base_parameter([&](const std::string& name, const at::Tensor& param) {
+    const auto [begin, end] = weights_->kept_range(name);
     // float32 draws (float64 for a float64 model: its values then do not depend on the CPU's
     // vectorised float32 normal sampler).
-    at::Tensor value = at::empty(param.sizes(),
-                                 at::TensorOptions(param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)
-                                     .device(gen.device()));
+    const at::TensorOptions options =
+        at::TensorOptions(param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).device(device);
+    at::Tensor part = at::empty({end - begin}, options);
     const bool is_norm = name.find("norm.weight") != std::string::npos;
     const bool is_bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
-    if (is_norm) value.fill_(1.0);
-    else if (is_bias) value.zero_();
-    else if (name == "model.embed_tokens.weight") value.normal_(0.0, 1.0, gen);
-    else value.normal_(0.0, 1.0 / std::sqrt(static_cast<double>(param.size(-1))), gen);
-    weights_->assign(name, value);
+    if (is_norm) {
+      part.fill_(1.0);
+    } else if (is_bias) {
+      part.zero_();
+    } else {
+      const double stddev =
+          name == "model.embed_tokens.weight" ? 1.0 : 1.0 / std::sqrt(static_cast<double>(param.size(-1)));
+      const uint64_t stream = splitmix64(seed ^ name_hash(name));
+      const int64_t numel = param.numel();
+      for (int64_t b = begin / kInitBlock; b * kInitBlock < end; ++b) {
+        const int64_t first = b * kInitBlock, size = std::min(kInitBlock, numel - first);
+        const at::Generator gen = make_generator(splitmix64(stream + static_cast<uint64_t>(b)), device);
+        const int64_t lo = std::max(begin, first), hi = std::min(end, first + size);
+        if (lo == first && hi == first + size) {
+          part.narrow(0, lo - begin, size).normal_(0.0, stddev, gen);  // the whole block is kept
+        } else {
+          at::Tensor block = at::empty({size}, options).normal_(0.0, stddev, gen);
+          part.narrow(0, lo - begin, hi - lo).copy_(block.narrow(0, lo - first, hi - lo));
+        }
+      }
+    }
+    weights_->assign_kept(name, part);
   });
 }
 

@@ -154,12 +154,16 @@ class CausalLM {
   void for_each_site(const std::function<void(const SiteRef&)>& fn) const;
   BaseWeights& base_weights() const { return *weights_; }
 
-  // Fills the frozen base deterministically from `gen` (synthetic models and benchmarks):
+  // Fills the frozen base deterministically from `seed` (synthetic models and benchmarks):
   // embeddings N(0, 1), linear weights and the LM head N(0, 1/in_features) so activations and
   // logits stay O(1) (a random head of std 0.02 could not express a confident prediction through
-  // the final RMSNorm), biases zero, norm weights one. The draws run on `gen`'s device (a CUDA
-  // generator fills a large base on the GPU without a host copy).
-  void init_base_random(const at::Generator& gen);
+  // the final RMSNorm), biases zero, norm weights one. Each tensor, flattened, is drawn in blocks
+  // of kInitBlock elements, block b of tensor `name` from a generator of its own seeded by (seed,
+  // name, b): a rank makes only the blocks its part of the tensor touches (BaseWeights::
+  // kept_range), and any layout holds the same values. The draws run on `device` (a CUDA device
+  // fills a large base on the GPU without a host copy; its values differ from the CPU's).
+  void init_base_random(uint64_t seed, const at::Device& device = at::Device(at::kCPU));
+  static constexpr int64_t kInitBlock = int64_t{1} << 20;
 
   // Attach freshly initialised LoRA to the linears whose short name (q_proj, ...) is listed.
   void init_lora(const std::vector<std::string>& target_modules, const LoraOptions& options,

@@ -104,18 +104,29 @@ const ShardedBaseWeights::Entry& ShardedBaseWeights::entry(const std::string& na
   return entries_[it->second];
 }
 
+std::pair<int64_t, int64_t> ShardedBaseWeights::kept_range(const std::string& name) const {
+  const Entry& e = entry(name);
+  const int64_t begin = std::min(e.numel, group_.rank() * e.chunk);
+  return {begin, std::min(e.numel, begin + e.chunk)};
+}
+
 at::Tensor ShardedBaseWeights::kept_part(const std::string& name, const at::Tensor& value) const {
   const Entry& e = entry(name);
   MOLE_CHECK(value.sizes() == e.handle.sizes(), "frozen tensor '", name, "': got shape ", value.sizes(),
              ", the model expects ", e.handle.sizes());
-  const int64_t begin = std::min(e.numel, group_.rank() * e.chunk);
-  const int64_t end = std::min(e.numel, begin + e.chunk);
+  const auto [begin, end] = kept_range(name);
   // A contiguous value (a memory-mapped file's tensor) is viewed, not read, here.
   return value.reshape({-1}).narrow(0, begin, end - begin);
 }
 
 void ShardedBaseWeights::assign(const std::string& name, const at::Tensor& value) {
-  const at::Tensor part = kept_part(name, value);
+  assign_kept(name, kept_part(name, value));
+}
+
+void ShardedBaseWeights::assign_kept(const std::string& name, const at::Tensor& part) {
+  const auto [begin, end] = kept_range(name);
+  MOLE_CHECK(part.dim() == 1 && part.numel() == end - begin, "frozen tensor '", name, "': got ", part.sizes(),
+             " elements for its part [", begin, ", ", end, ")");
   at::NoGradGuard no_grad;
   entry(name).shard.narrow(0, 0, part.numel()).copy_(part);
 }
@@ -129,8 +140,8 @@ int64_t ShardedBaseWeights::held_bytes() const {
 void ShardedBaseWeights::for_each_kept(
     const std::function<void(const std::string&, const at::Tensor&)>& fn) const {
   for (const Entry& e : entries_) {
-    const int64_t begin = std::min(e.numel, group_.rank() * e.chunk);
-    fn(e.name, e.shard.narrow(0, 0, std::min(e.numel, begin + e.chunk) - begin));
+    const auto [begin, end] = kept_range(e.name);
+    fn(e.name, e.shard.narrow(0, 0, end - begin));
   }
 }
 

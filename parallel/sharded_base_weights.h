@@ -46,6 +46,8 @@ class ShardedBaseWeights final : public moe::BaseWeights {
   void release_held(int64_t layer) const override;
   void end_pass() const override;
   at::Tensor kept_part(const std::string& name, const at::Tensor& value) const override;
+  std::pair<int64_t, int64_t> kept_range(const std::string& name) const override;
+  void assign_kept(const std::string& name, const at::Tensor& part) override;
   int64_t held_bytes() const override;
   void for_each_kept(const std::function<void(const std::string&, const at::Tensor&)>& fn) const override;
 

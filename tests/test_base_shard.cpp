@@ -22,6 +22,7 @@
 #include "launch/config.h"
 #include "launch/data.h"
 #include "launch/run_parts.h"
+#include "moe/model_presets.h"
 #include "tests/test_util.h"
 #include "tests/train_run_util.h"
 
@@ -118,9 +119,7 @@ TEST_F(BaseShardTrain, ShardedBaseAndCheckpointedLayersReproduceTheWholeBase) {
 std::string write_sharded_folder(const std::string& dir) {
   const launch::Config c = launch::parse_config(
       "model: {base: 'synthetic:tinyllama', layers: 1}\n", "test.yaml");
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(c.train.seed);
-  const std::unique_ptr<moe::CausalLM> model =
-      launch::synthetic_base_model(c, 256, at::TensorOptions(at::kFloat), gen);
+  const std::unique_ptr<moe::CausalLM> model = launch::synthetic_base_model(c, 256, at::TensorOptions(at::kFloat));
   // config.json and the tokenizer as save_hf_model writes them; the tensors then in shards.
   ckpt::save_hf_model(*model, dir, launch::tokenizer_files("byte"));
   fs::remove(dir + "/model.safetensors");
@@ -128,6 +127,26 @@ std::string write_sharded_folder(const std::string& dir) {
   model->for_each_base_parameter([&](const std::string& name, const at::Tensor& t) { tensors.emplace_back(name, t); });
   st::save_checkpoint(dir, tensors, 200u << 20);
   return dir;
+}
+
+// Tied embeddings: one tensor serves the lookup and the LM head and is gathered with the head's
+// group (for the lookup at the start, again for the head at the end). Sharded, with
+// checkpointing, it trains the same weights as the whole base, in float64.
+TEST_F(BaseShardTrain, TiedEmbeddingsShardAsOneTensor) {
+  // Sized to the byte tokenizer, as the tiny preset of a run is.
+  moe::ModelConfig shape = moe::tiny_model_config(launch::make_tokenizer("byte")->vocab_size());
+  shape.tie_word_embeddings = true;
+  moe::CausalLM model(shape, at::TensorOptions(at::kFloat));
+  model.init_base_random(5);
+  const std::string folder = dir_.file("tied-base");
+  ckpt::save_hf_model(model, folder, launch::tokenizer_files("byte"));
+  const std::string base = kFp64 + " --set model.base=" + folder;
+  const std::string whole = train(2, "tied", base, 3);
+  const std::string sharded = train(2, "tied-shard2", base + kShard2 + kCheckpointing, 3);
+  test::expect_same_steps(whole, sharded, 3, kExact);
+  EXPECT_LE(test::worst_weight_error(whole, sharded), kExact);
+  // The tied tensor is in the head's group: kept once, at 1/2 per rank.
+  EXPECT_NEAR(base_mib(log_of("tied-shard2")), base_mib(log_of("tied")) / 2, 0.02) << log_of("tied-shard2");
 }
 
 TEST_F(BaseShardTrain, ShardedFolderLoadsTheSameModelAndEachRankReadsItsPart) {

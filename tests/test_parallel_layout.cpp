@@ -8,11 +8,13 @@
 
 #include <algorithm>
 #include <functional>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "kernels/check.h"
+#include "launch/memory_stats.h"
 #include "launch/run_parts.h"
 #include "moe/adapter.h"
 #include "moe/layer_runner.h"
@@ -52,7 +54,7 @@ std::unique_ptr<moe::CausalLM> tiny_model(moe::Method method,
   auto model = std::make_unique<moe::CausalLM>(moe::tiny_model_config(64),
                                                at::TensorOptions(at::kFloat), std::move(weights));
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(3);
-  model->init_base_random(gen);
+  model->init_base_random(3);
   moe::AdapterSpec spec;
   spec.method = method;
   spec.lora = spec.expert_lora = {4, 8.0, false, 0.0};
@@ -127,6 +129,8 @@ class CountingWeights final : public moe::BaseWeights {
   at::Tensor kept_part(const std::string& name, const at::Tensor& value) const override {
     return local.kept_part(name, value);
   }
+  std::pair<int64_t, int64_t> kept_range(const std::string& name) const override { return local.kept_range(name); }
+  void assign_kept(const std::string& name, const at::Tensor& part) override { local.assign_kept(name, part); }
   int64_t held_bytes() const override { return local.held_bytes(); }
   void for_each_kept(const std::function<void(const std::string&, const at::Tensor&)>& fn) const override {
     local.for_each_kept(fn);
@@ -211,6 +215,75 @@ TEST(BaseWeights, AssignNamesTheTensor) {
   EXPECT_NE(error_of([&] { w.assign("lm_head.weight", at::ones({4})); }).find("no frozen tensor 'lm_head.weight'"),
             std::string::npos);
   w.assign("model.norm.weight", at::full({4}, 2.0, at::kDouble));
+}
+
+// Keeps, of every frozen tensor, the part ShardedBaseWeights gives rank `rank` of `ranks` (chunk
+// r of the flattened tensor), with no communication: what a synthetic base draws per rank.
+class SliceWeights final : public moe::BaseWeights {
+ public:
+  SliceWeights(int rank, int ranks) : rank_(rank), ranks_(ranks) {}
+  at::Tensor declare(const std::string& name, int64_t, const std::vector<int64_t>& shape,
+                     const at::TensorOptions& options) override {
+    int64_t numel = 1;
+    for (int64_t d : shape) numel *= d;
+    const int64_t chunk = (numel + ranks_ - 1) / ranks_;
+    const int64_t begin = std::min(numel, rank_ * chunk);
+    ranges[name] = {begin, std::min(numel, begin + chunk)};
+    parts[name] = at::empty({ranges[name].second - begin}, options);
+    return at::empty(shape, options.device(at::kMeta));  // shape only: this test runs no forward
+  }
+  void assign(const std::string& name, const at::Tensor& value) override {
+    assign_kept(name, value.reshape({-1}).narrow(0, ranges.at(name).first, parts.at(name).numel()));
+  }
+  void assign_kept(const std::string& name, const at::Tensor& part) override { parts.at(name).copy_(part); }
+  std::pair<int64_t, int64_t> kept_range(const std::string& name) const override { return ranges.at(name); }
+  void acquire(int64_t) const override {}
+  void release(int64_t) const override {}
+  at::Tensor kept_part(const std::string& name, const at::Tensor& value) const override {
+    return value.reshape({-1}).narrow(0, ranges.at(name).first, parts.at(name).numel());
+  }
+  int64_t held_bytes() const override {
+    int64_t bytes = 0;
+    for (const auto& [name, t] : parts) bytes += t.numel() * static_cast<int64_t>(t.element_size());
+    return bytes;
+  }
+  void for_each_kept(const std::function<void(const std::string&, const at::Tensor&)>& fn) const override {
+    for (const auto& [name, t] : parts) fn(name, t);
+  }
+  std::map<std::string, std::pair<int64_t, int64_t>> ranges;
+  std::map<std::string, at::Tensor> parts;
+
+ private:
+  int rank_, ranks_;
+};
+
+// A synthetic base drawn part by part: each of 4 "ranks" makes only its chunk of every tensor,
+// the chunks put together are the whole model's values bit for bit (so any layout holds the same
+// model), and a rank's drawing never holds a whole tensor (the embedding here is 3 draw blocks
+// long: peak tensor bytes stay below its size).
+TEST(BaseWeights, SyntheticBaseIsDrawnPartByPart) {
+  const moe::ModelConfig config = moe::tiny_model_config(24000);  // embedding: 3,072,000 elements
+  moe::CausalLM whole(config, at::TensorOptions(at::kFloat));
+  whole.init_base_random(11);
+  std::map<std::string, at::Tensor> whole_values;
+  whole.for_each_base_parameter([&](const std::string& name, const at::Tensor& t) { whole_values[name] = t.reshape({-1}); });
+  const int64_t embedding_bytes = config.vocab_size * config.hidden_size * 4;
+  ASSERT_GT(config.vocab_size * config.hidden_size, 2 * moe::CausalLM::kInitBlock);
+
+  launch::track_cpu_tensor_bytes();
+  std::map<std::string, std::vector<at::Tensor>> pieces;
+  for (int rank = 0; rank < 4; ++rank) {
+    auto weights = std::make_shared<SliceWeights>(rank, 4);
+    moe::CausalLM model(config, at::TensorOptions(at::kFloat), weights);
+    const int64_t before = launch::cpu_tensor_bytes();
+    launch::reset_peak_cpu_tensor_bytes();
+    model.init_base_random(11);
+    EXPECT_LT(launch::peak_cpu_tensor_bytes() - before, embedding_bytes) << "rank " << rank;
+    for (const auto& [name, part] : weights->parts) pieces[name].push_back(part);
+  }
+  for (const auto& [name, parts] : pieces) {
+    EXPECT_TRUE(at::equal(at::cat(parts), whole_values.at(name))) << name;
+  }
 }
 
 TEST(ForwardContext, ASiteThatRunsAgainReplacesItsRecord) {

@@ -326,9 +326,9 @@ TEST_F(PoisonedRuns, FullDiskLeavesWholeFilesOrNone) {
 
 TEST(RunSafety, WrongInvocationsSayWhatIsWrong) {
   test::TempDir dir;
-  const test::CommandResult unknown = run_mole("plan run.yaml");
+  const test::CommandResult unknown = run_mole("tokenise run.yaml");
   EXPECT_EQ(unknown.exit_code, 1);
-  EXPECT_NE(unknown.output.find("unknown subcommand 'plan' (known: train, forward, export, inspect, bench)"),
+  EXPECT_NE(unknown.output.find("unknown subcommand 'tokenise' (known: train, forward, export, inspect, plan, bench)"),
             std::string::npos)
       << unknown.output;
 
