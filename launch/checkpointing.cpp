@@ -163,8 +163,9 @@ uint64_t base_fingerprint(const moe::CausalLM& model, std::optional<uint64_t> sy
     hash = ckpt::fnv1a_field(name, hash);
     hash = ckpt::fnv1a_field(st::shape_text(t.sizes().vec()), hash);
   });
-  // A synthetic base is drawn from the seed: another seed is another model.
-  if (synthetic_seed) hash = ckpt::fnv1a_field("seed " + std::to_string(*synthetic_seed), hash);
+  // A synthetic base is drawn from the seed: another seed is another model, and so is another way
+  // of drawing (blocks of its own generator per tensor since the base could be drawn part by part).
+  if (synthetic_seed) hash = ckpt::fnv1a_field("seed " + std::to_string(*synthetic_seed) + " draw blocks", hash);
   return hash;
 }
 

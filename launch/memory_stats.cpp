@@ -84,7 +84,12 @@ void CountingCpuAllocator::release(void* data) {
   {
     std::lock_guard<std::mutex> lock(g_counting->mutex_);
     auto it = g_counting->held_.find(data);
-    if (it == g_counting->held_.end()) return;  // not ours (cannot happen: our deleter)
+    if (it == g_counting->held_.end()) {
+      // Raw memory the inner allocator gave out before tracking began, freed through the current
+      // CPU allocator (oneDNN does this): the inner allocator frees it.
+      if (c10::DeleterFnPtr inner = g_counting->inner_->raw_deleter()) inner(data);
+      return;
+    }
     held = std::move(it->second);
     g_counting->held_.erase(it);
   }

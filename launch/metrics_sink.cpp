@@ -132,7 +132,7 @@ void MetricsSink::log_step(int64_t done, const StepResult& r, double elapsed) {
   const double tps = window > 0 ? static_cast<double>(window_tokens_) / window : 0.0;
   const double eta = elapsed / static_cast<double>(steps_seen_) * static_cast<double>(total - done);
   if (tty_) std::printf("\r%s\r", std::string(80, ' ').c_str());
-  // On CUDA also the caching allocator's peak on the device since the start of the run.
+  // On CUDA also the caching allocator's peak on the device during the step (reset at its start).
   const int64_t gpu_bytes = peak_cuda_allocated_bytes(device_);
   const double gpu_gib = static_cast<double>(gpu_bytes) / (1024.0 * 1024.0 * 1024.0);
   const std::string gpu = gpu_bytes >= 0 ? fmt::format(" | gpu {:.2f} GiB", gpu_gib) : "";

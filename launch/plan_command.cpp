@@ -112,13 +112,17 @@ void run_plan(const PlanOptions& options) {
   const parallel::PlanInput in = plan_input(c, shape, options.world);
   const parallel::MemoryPlan plan = parallel::plan_memory(in);
 
+  // One rank's memory: given, or on the host this machine's shared by the ranks (all of them on
+  // this machine, the conservative reading).
   int64_t device_bytes = 0;
+  std::string memory_source = "--device-memory";
   if (options.device_memory_gib > 0) {
     device_bytes = static_cast<int64_t>(options.device_memory_gib * kGiB);
   } else {
     MOLE_CHECK(c.model.device == "cpu", "model.device is ", c.model.device,
                ": give the memory of one device with --device-memory GiB");
-    device_bytes = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+    device_bytes = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE) / options.world;
+    memory_source = fmt::format("this machine's memory / {} rank(s); --device-memory to set it", options.world);
   }
   const bool plan_fits = fits(plan, device_bytes);
   std::optional<int> smallest;
@@ -132,8 +136,10 @@ void run_plan(const PlanOptions& options) {
   nlohmann::json out;
   out["model"] = {{"base", c.model.base}, {"layers", shape.num_layers}, {"hidden_size", shape.hidden_size},
                   {"vocab_size", shape.vocab_size}, {"dtype", c.model.dtype}, {"device", c.model.device}};
-  out["layout"] = {{"world", in.world}, {"ep", in.ep}, {"edp", in.world / in.ep}, {"zero", in.zero},
-                   {"base_shard", in.base_shard}, {"activation_checkpointing", in.activation_checkpointing},
+  // One process runs without ZeRO and with the whole base (no process grid).
+  const int zero = in.world > 1 ? in.zero : 0, base_shard = in.world > 1 ? in.base_shard : 0;
+  out["layout"] = {{"world", in.world}, {"ep", in.ep}, {"edp", in.world / in.ep}, {"zero", zero},
+                   {"base_shard", base_shard}, {"activation_checkpointing", in.activation_checkpointing},
                    {"micro_batch", in.micro_batch}, {"seq_len", in.seq_len},
                    {"micro_batches", plan.micro_batches}, {"attention", in.fused_attention ? "fused" : "explicit"}};
   out["memory"] = {{"base_bytes", plan.base_bytes},
@@ -156,6 +162,7 @@ void run_plan(const PlanOptions& options) {
   }
   out["dispatch"] = {{"sites", plan.dispatch.size()}, {"tokens", tokens_sites}, {"weights", weights_sites}};
   out["device_memory_bytes"] = device_bytes;
+  out["device_memory_source"] = memory_source;
   out["reserve_fraction"] = kReserve;
   out["fits"] = plan_fits;
   if (options.smallest_world) out["smallest_world"] = smallest ? nlohmann::json(*smallest) : nlohmann::json();
@@ -166,7 +173,7 @@ void run_plan(const PlanOptions& options) {
   }
   std::printf("plan: %s, %lld decoder layers, %s on %s | world %d, ep %d, zero %d, base_shard %d%s\n",
               c.model.base.c_str(), static_cast<long long>(shape.num_layers), c.model.dtype.c_str(),
-              c.model.device.c_str(), in.world, in.ep, in.zero, in.base_shard,
+              c.model.device.c_str(), in.world, in.ep, zero, base_shard,
               in.activation_checkpointing ? ", activation checkpointing" : "");
   std::printf("  micro-batch %lld x %lld tokens, %lld micro-batches per step, %s attention\n",
               static_cast<long long>(in.micro_batch), static_cast<long long>(in.seq_len),
@@ -179,8 +186,9 @@ void run_plan(const PlanOptions& options) {
   std::printf("  optimizer state         %s\n", gib(plan.optimizer_bytes).c_str());
   std::printf("  activations             %s  (layers %s, loss %s, working %s)\n", gib(plan.activation_bytes).c_str(),
               gib(plan.layers_kept_bytes).c_str(), gib(plan.head_bytes).c_str(), gib(plan.working_bytes).c_str());
-  std::printf("  total                   %s  of %s (%.0f%% kept in reserve): %s\n", gib(plan.total_bytes).c_str(),
-              gib(device_bytes).c_str(), kReserve * 100, plan_fits ? "fits" : "does NOT fit");
+  std::printf("  total                   %s  of %s (%s; %.0f%% kept in reserve): %s\n",
+              gib(plan.total_bytes).c_str(), gib(device_bytes).c_str(), memory_source.c_str(), kReserve * 100,
+              plan_fits ? "fits" : "does NOT fit");
   std::printf("communication per rank and step:\n");
   for (const auto& [name, bytes] : plan.comm) std::printf("  %-28s %s\n", name.c_str(), gib(bytes).c_str());
   if (options.smallest_world) {

@@ -88,7 +88,9 @@ TrainSummary Trainer::run() {
                    parts_.model->options().device(), resumed_from_.empty() ? -1 : counters_.step);
   const at::Device device = parts_.model->options().device();
   while (counters_.step < c.train.steps) {
-    // The step's peak of tensor bytes (checkpoint saves and evaluation are not in it).
+    // The step's peak of tensor bytes (checkpoint saves and evaluation are not in it); the CUDA
+    // allocator's peak of the run so far is kept first.
+    run_peak_device_bytes_ = std::max(run_peak_device_bytes_, peak_cuda_allocated_bytes(device));
     reset_peak_tensor_bytes(device);
     StepResult result = step();
     step_peak_bytes_ = std::max(step_peak_bytes_, peak_tensor_bytes(device));
@@ -139,7 +141,7 @@ TrainSummary Trainer::run() {
   summary.base_bytes = base_bytes(*parts_.model);
   summary.gathered_bytes = parts_.model->base_weights().peak_gathered_bytes();
   summary.peak_host_bytes = static_cast<int64_t>(peak_host_mib() * 1024.0 * 1024.0);
-  summary.peak_device_bytes = peak_cuda_allocated_bytes(parts_.model->options().device());
+  summary.peak_device_bytes = std::max(run_peak_device_bytes_, peak_cuda_allocated_bytes(parts_.model->options().device()));
   if (step_peak_bytes_ >= 0) {
     summary.step_peak_bytes = step_peak_bytes_;
     summary.activation_bytes = step_peak_bytes_ - (summary.base_bytes + summary.gathered_bytes +

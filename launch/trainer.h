@@ -82,6 +82,7 @@ class Trainer {
   std::string resumed_from_;  // the checkpoint the run continued from, if any
   std::unique_ptr<AsyncCheckpointer> async_;  // checkpoint.async
   int64_t step_peak_bytes_ = -1;  // the most tensor bytes a step held (-1: not tracked)
+  int64_t run_peak_device_bytes_ = -1;  // the CUDA allocator's peak over the run (-1: not CUDA)
 };
 
 // SIGTERM and SIGUSR1 (what schedulers send before preemption) make Trainer::run finish the

@@ -197,7 +197,7 @@ void CausalLM::init_base_random(uint64_t seed, const at::Device& device) {
           name == "model.embed_tokens.weight" ? 1.0 : 1.0 / std::sqrt(static_cast<double>(param.size(-1)));
       const uint64_t stream = splitmix64(seed ^ name_hash(name));
       const int64_t numel = param.numel();
-      for (int64_t b = begin / kInitBlock; b * kInitBlock < end; ++b) {
+      for (int64_t b = begin / kInitBlock; begin < end && b * kInitBlock < end; ++b) {
         const int64_t first = b * kInitBlock, size = std::min(kInitBlock, numel - first);
         const at::Generator gen = make_generator(splitmix64(stream + static_cast<uint64_t>(b)), device);
         const int64_t lo = std::max(begin, first), hi = std::min(end, first + size);

@@ -205,7 +205,8 @@ LayerActivations layer_activations(const PlanInput& in, int64_t layer,
   const int64_t e = in.element_bytes;
   const int64_t a = e == 8 ? 8 : 4;  // adapter dtype: float32, float64 with a float64 base
   const bool copy = e != a;          // the LoRA paths convert their input
-  const double p = spec.lora.dropout;
+  const double p = spec.lora.dropout;          // plain LoRA
+  const double pe = spec.expert_lora.dropout;  // the experts' LoRA
   const int64_t B = in.micro_batch, S = in.seq_len, T = B * S;
   const int64_t D = c.hidden_size, F = c.intermediate_size;
   const int64_t Q = c.num_heads * c.head_dim, H = c.num_heads;
@@ -246,7 +247,7 @@ LayerActivations layer_activations(const PlanInput& in, int64_t layer,
     if (!copy) shared = true;
     // The routed rows: the experts' input in the adapter dtype, their middles, their outputs and
     // those weighted (the combine keeps both), and the rows' indices.
-    kept += N * s.in * a + (p > 0.0 ? N * s.in * (a + 1) : 0) + N * spec.expert_lora.r * a +
+    kept += N * s.in * a + (pe > 0.0 ? N * s.in * (a + 1) : 0) + N * spec.expert_lora.r * a +
             2 * N * s.out * a + 3 * N * 8;
     if (d.mode == moe::DispatchMode::kWeights) kept += E * spec.expert_lora.r * (s.in + s.out) * a;  // gathered
   };
@@ -286,7 +287,7 @@ LayerActivations layer_activations(const PlanInput& in, int64_t layer,
     // Rows per routed pair: the experts' input (shared by gate and up, or copies), gate and up
     // outputs, SiLU's output, the product and the product weighted (the combine keeps it), the
     // down delta's rows and those weighted, three r-wide middles, the rows' indices.
-    kept += N * D * (copy ? 2 * a : e) + (p > 0.0 ? 3 * N * D * (a + 1) : 0);
+    kept += N * D * (copy ? 2 * a : e) + (pe > 0.0 ? 3 * N * D * (a + 1) : 0);
     kept += 5 * N * F * e + 2 * N * D * a + 3 * N * er * a + 3 * N * 8;
     if (d.mode == moe::DispatchMode::kWeights) kept += E * 3 * er * (D + F) * a;  // the gathered stacks
     mlp_working = 3 * N * F * e;
@@ -323,7 +324,9 @@ MemoryPlan plan_memory(const PlanInput& in) {
   MemoryPlan plan;
   const int64_t e = in.element_bytes;
   const int64_t a = e == 8 ? 8 : 4;
-  const int shard = in.base_shard;
+  // One process has no process grid: no ZeRO and a whole base, whatever the config says.
+  const int shard = in.world > 1 ? in.base_shard : 0;
+  const int zero = in.world > 1 ? in.zero : 0;
   plan.micro_batches = in.global_batch / (in.micro_batch * in.world);
   plan.tokens = in.micro_batch * in.seq_len;
   const int64_t T = plan.tokens;
@@ -358,7 +361,7 @@ MemoryPlan plan_memory(const PlanInput& in) {
     (s.group() == ReplicaGroup::kWorld ? world_bytes : edp_bytes) += s.tensor.numel() * a;
   }
   const int edp = dims.edp();
-  if (in.zero > 0) {
+  if (zero > 0) {
     std::vector<FlatLayout> layouts;
     for (ReplicaGroup g : {ReplicaGroup::kWorld, ReplicaGroup::kExpertData}) {
       const int size = g == ReplicaGroup::kWorld ? in.world : edp;
@@ -366,16 +369,16 @@ MemoryPlan plan_memory(const PlanInput& in) {
         layouts.push_back(std::move(l));
       }
     }
-    const OptimizerMemory m = zero_memory(layouts, std::vector<int64_t>(layouts.size(), a), in.zero);
+    const OptimizerMemory m = zero_memory(layouts, std::vector<int64_t>(layouts.size(), a), zero);
     plan.trainable_bytes = m.trainable_bytes;
     plan.grad_bytes = m.grad_bytes;
     plan.optimizer_bytes = m.optimizer_bytes;
     int64_t world_padded = 0, edp_padded = 0;
     for (const FlatLayout& l : layouts) (l.group == "world" ? world_padded : edp_padded) += l.padded * a;
     // Stage 2 reduce-scatters every micro-batch; stage 1 all-reduces once per step.
-    const int64_t reduces = in.zero == 2 ? plan.micro_batches : 1;
+    const int64_t reduces = zero == 2 ? plan.micro_batches : 1;
     const auto rs = [](int64_t bytes, int n) { return n > 1 ? bytes * (n - 1) / n : 0; };
-    if (in.zero == 2) {
+    if (zero == 2) {
       plan.comm["grad_reduce_scatter_bytes"] = reduces * (rs(world_padded, in.world) + rs(edp_padded, edp));
     } else {
       plan.comm["grad_allreduce_bytes"] = 2 * (rs(world_padded, in.world) + rs(edp_padded, edp));
