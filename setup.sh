@@ -18,7 +18,7 @@ PACKAGES=(
   libspdlog-dev libfmt-dev
   libgtest-dev
   nlohmann-json3-dev libyaml-cpp-dev libcli11-dev
-  zlib1g-dev
+  zlib1g-dev libicu-dev
 )
 
 missing=()

@@ -27,13 +27,16 @@ class Tokenizer {
 };
 
 // "byte": UTF-8 bytes as ids 3..258 with pad 0, bos 1, eos 2 (vocab 259), for the built-in demo.
-// Otherwise a sentencepiece model file (`tokenizer.model` of LLaMA-2-style models), or a model
-// folder holding one, or holding a `tokenizer_config.json` with "mole_tokenizer": "byte" (what
-// mole writes next to the demo's synthetic base). Errors name the path.
+// Otherwise a Hugging Face tokenizer.json (launch/hf_tokenizer.h), a sentencepiece model file
+// (`tokenizer.model` of LLaMA-2-style models), or a model folder holding one of them (both:
+// tokenizer.json, and the log says so), or holding a `tokenizer_config.json` with
+// "mole_tokenizer": "byte" (what mole writes next to the demo's synthetic base). Errors name the
+// path.
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& spec);
 
 // The files (name -> bytes) that make a model folder carry the tokenizer `spec`, so that
-// make_tokenizer(folder) finds it again: tokenizer_config.json for "byte", else tokenizer.model.
+// make_tokenizer(folder) finds it again: tokenizer_config.json for "byte", tokenizer.json (with
+// its tokenizer_config.json), or tokenizer.model.
 std::map<std::string, std::string> tokenizer_files(const std::string& spec);
 
 struct Example {

@@ -17,8 +17,11 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include <spdlog/spdlog.h>
+
 #include "kernels/check.h"
 #include "launch/data.h"
+#include "launch/hf_tokenizer.h"
 
 namespace mole::launch {
 namespace {
@@ -552,11 +555,20 @@ std::string read_file(const std::string& path, const std::string& what) {
 
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& spec) {
   if (spec == "byte") return std::make_unique<ByteTokenizer>();
-  MOLE_CHECK(!spec.empty(), "tokenizer: empty path (use \"byte\" or a sentencepiece model)");
+  MOLE_CHECK(!spec.empty(), "tokenizer: empty path (use \"byte\", a tokenizer.json, a sentencepiece model or a "
+             "model folder)");
   namespace fs = std::filesystem;
   std::string path = spec;
   if (fs::is_directory(path)) {
+    // tokenizer.json first: it is what the library (and so the model's authors) run.
+    const std::string json_path = (fs::path(spec) / "tokenizer.json").string();
     path = (fs::path(spec) / "tokenizer.model").string();
+    if (fs::is_regular_file(json_path)) {
+      if (fs::is_regular_file(path)) {
+        spdlog::info("tokenizer: '{}' holds tokenizer.json and tokenizer.model; using tokenizer.json", spec);
+      }
+      return std::make_unique<HfTokenizer>(json_path);
+    }
     const std::string config = (fs::path(spec) / kByteConfig).string();
     if (!fs::is_regular_file(path) && fs::is_regular_file(config) &&
         read_file(config, "the folder's tokenizer_config.json").find("\"mole_tokenizer\": \"byte\"") !=
@@ -564,22 +576,32 @@ std::unique_ptr<Tokenizer> make_tokenizer(const std::string& spec) {
       return std::make_unique<ByteTokenizer>();
     }
     MOLE_CHECK(fs::is_regular_file(path), "tokenizer: folder '", spec,
-               "' holds no tokenizer.model (nor a tokenizer_config.json naming mole's byte "
-               "tokenizer); set data.tokenizer to a tokenizer.model file or \"byte\"");
+               "' holds no tokenizer.json or tokenizer.model (nor a tokenizer_config.json naming mole's byte "
+               "tokenizer); set data.tokenizer to one of those files or \"byte\"");
   }
+  if (fs::path(path).extension() == ".json") return std::make_unique<HfTokenizer>(path);
   const std::string serialized = read_file(
-      path, "expected \"byte\", a sentencepiece model or a folder with tokenizer.model");
+      path, "expected \"byte\", a tokenizer.json, a sentencepiece model or a folder with one of them");
   return std::make_unique<SentencePieceTokenizer>(serialized, path);
 }
 
 std::map<std::string, std::string> tokenizer_files(const std::string& spec) {
   if (spec == "byte") return {{kByteConfig, byte_tokenizer_config()}};
   namespace fs = std::filesystem;
+  // A tokenizer.json travels with the tokenizer_config.json beside it (bos, eos, pad).
+  const auto with_config = [](const fs::path& json_path) {
+    std::map<std::string, std::string> files{{"tokenizer.json", read_file(json_path.string(), "tokenizer.json")}};
+    const fs::path config = json_path.parent_path() / "tokenizer_config.json";
+    if (fs::is_regular_file(config)) files["tokenizer_config.json"] = read_file(config.string(), "tokenizer_config.json");
+    return files;
+  };
   if (fs::is_directory(spec)) {
+    if (fs::is_regular_file(fs::path(spec) / "tokenizer.json")) return with_config(fs::path(spec) / "tokenizer.json");
     const std::string model = (fs::path(spec) / "tokenizer.model").string();
     if (fs::is_regular_file(model)) return {{"tokenizer.model", read_file(model, "tokenizer.model")}};
     return {{kByteConfig, read_file((fs::path(spec) / kByteConfig).string(), "tokenizer_config.json")}};
   }
+  if (fs::path(spec).extension() == ".json") return with_config(fs::path(spec));
   return {{"tokenizer.model", read_file(spec, "tokenizer.model")}};
 }
 

@@ -150,7 +150,7 @@ TEST(TokenizerErrors, MissingAndInvalidModelsNameThePath) {
   test::TempDir dir;
   const std::string missing = dir.file("nope.model");
   expect_all(error_of([&] { make_tokenizer(missing); }), {missing, "cannot open"});
-  expect_all(error_of([&] { make_tokenizer(dir.path()); }), {dir.path(), "no tokenizer.model"});
+  expect_all(error_of([&] { make_tokenizer(dir.path()); }), {dir.path(), "no tokenizer.json or tokenizer.model"});
   test::write_bytes(dir.file("junk.model"), "\x0a\xff not a model");
   expect_all(error_of([&] { make_tokenizer(dir.file("junk.model")); }),
              {dir.file("junk.model"), "not a valid sentencepiece model"});
