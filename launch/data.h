@@ -19,6 +19,12 @@ class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
   virtual std::vector<int64_t> encode(const std::string& text) const = 0;  // no bos/eos added
+  // With the special tokens the tokenizer adds around a text (bos first, by default).
+  virtual std::vector<int64_t> encode_with_special(const std::string& text) const {
+    std::vector<int64_t> ids = encode(text);
+    if (bos_id() >= 0) ids.insert(ids.begin(), bos_id());
+    return ids;
+  }
   virtual std::string decode(const std::vector<int64_t>& ids) const = 0;
   virtual int64_t vocab_size() const = 0;
   virtual int64_t bos_id() const = 0;  // -1 when the tokenizer has none

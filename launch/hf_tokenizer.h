@@ -32,7 +32,7 @@ class HfTokenizer final : public Tokenizer {
   // No special tokens added (special-token text in `text` is still matched as such).
   std::vector<int64_t> encode(const std::string& text) const override;
   // As the post-processor adds them (e.g. BOS first).
-  std::vector<int64_t> encode_with_special(const std::string& text) const;
+  std::vector<int64_t> encode_with_special(const std::string& text) const override;
   // Special tokens kept in the text.
   std::string decode(const std::vector<int64_t>& ids) const override;
   int64_t vocab_size() const override;

@@ -18,6 +18,7 @@
 #include "launch/inspect_command.h"
 #include "launch/memory_stats.h"
 #include "launch/plan_command.h"
+#include "launch/tokenize_command.h"
 #include "launch/trainer.h"
 
 int main(int argc, char** argv) {
@@ -38,6 +39,8 @@ int main(int argc, char** argv) {
   mole::launch::add_inspect_command(app, inspect);
   mole::launch::PlanOptions plan;
   mole::launch::add_plan_command(app, plan);
+  mole::launch::TokenizeOptions tokenize;
+  mole::launch::add_tokenize_command(app, tokenize);
   mole::launch::BenchOptions bench;
   mole::launch::add_bench_command(app, bench);
 
@@ -76,6 +79,7 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("inspect")) mole::launch::run_inspect(inspect);
     if (app.got_subcommand("bench")) mole::launch::run_bench(bench);
     if (app.got_subcommand("plan")) mole::launch::run_plan(plan);
+    if (app.got_subcommand("tokenize")) mole::launch::run_tokenize(tokenize);
   } catch (const mole::Error& e) {
     spdlog::error("{}", e.what());
     return 1;

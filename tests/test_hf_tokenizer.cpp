@@ -104,5 +104,47 @@ TEST(HfTokenizer, FolderPrefersTokenizerJson) {
   EXPECT_TRUE(files.count("tokenizer_config.json"));
 }
 
+// `mole tokenize` on a JSONL file: the library's ids (with --special, as its post-processor adds
+// them); --decode gives the library's text back; a bad line is an error naming file and line.
+TEST(HfTokenizer, TokenizeCommandMatchesTheLibrary) {
+  test::TempDir dir;
+  const nlohmann::json cases = reference().at("tokenizers").at("llama2");
+  {
+    std::ofstream in(dir.file("in.jsonl"));
+    for (const nlohmann::json& c : cases) in << nlohmann::json{{"text", c.at("text")}}.dump() << "\n";
+  }
+  const std::string mole = std::string(MOLE_BINARY) + " tokenize --tokenizer " + kFixtures + "/llama2";
+  test::CommandResult r = test::run_command(mole + " --input " + dir.file("in.jsonl") + " --special --output " +
+                                            dir.file("special.jsonl"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = test::run_command(mole + " --input " + dir.file("in.jsonl") + " --output " + dir.file("ids.jsonl"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = test::run_command(mole + " --input " + dir.file("ids.jsonl") + " --decode --output " + dir.file("back.jsonl"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::ifstream special_file(dir.file("special.jsonl")), ids_file(dir.file("ids.jsonl")), back_file(dir.file("back.jsonl"));
+  std::string special_line, ids_line, back_line;
+  size_t n = 0;
+  for (const nlohmann::json& c : cases) {
+    ASSERT_TRUE(std::getline(special_file, special_line) && std::getline(ids_file, ids_line) &&
+                std::getline(back_file, back_line));
+    EXPECT_EQ(nlohmann::json::parse(special_line).at("ids"), c.at("ids_special")) << c.at("text").dump();
+    EXPECT_EQ(nlohmann::json::parse(ids_line).at("ids"), c.at("ids")) << c.at("text").dump();
+    EXPECT_EQ(nlohmann::json::parse(back_line).at("text"), c.at("decoded")) << c.at("text").dump();
+    ++n;
+  }
+  EXPECT_EQ(n, cases.size());
+  r = test::run_command(mole + " --text 'Hello world'");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("\"ids\":[22557,1526]"), std::string::npos) << r.output;
+  test::write_bytes(dir.file("bad.jsonl"), "{\"text\": \"fine\"}\n{\"text\": 3}\n");
+  r = test::run_command(mole + " --input " + dir.file("bad.jsonl"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find(dir.file("bad.jsonl") + ":2: no string \"text\""), std::string::npos) << r.output;
+  test::write_bytes(dir.file("bad_ids.jsonl"), "{\"ids\": [1, 99999]}\n");
+  r = test::run_command(mole + " --input " + dir.file("bad_ids.jsonl") + " --decode");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("id 99999 is outside the vocabulary"), std::string::npos) << r.output;
+}
+
 }  // namespace
 }  // namespace mole

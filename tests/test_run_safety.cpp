@@ -328,7 +328,7 @@ TEST(RunSafety, WrongInvocationsSayWhatIsWrong) {
   test::TempDir dir;
   const test::CommandResult unknown = run_mole("tokenise run.yaml");
   EXPECT_EQ(unknown.exit_code, 1);
-  EXPECT_NE(unknown.output.find("unknown subcommand 'tokenise' (known: train, forward, export, inspect, plan, bench)"),
+  EXPECT_NE(unknown.output.find("unknown subcommand 'tokenise' (known: train, forward, export, inspect, plan, tokenize, bench)"),
             std::string::npos)
       << unknown.output;
 
