@@ -308,7 +308,8 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
   data.get("train", c.data.train);
   check(!c.data.train.empty(), data, "train", "must name a JSONL file or synthetic:multitask");
   data.get("eval", c.data.eval);
-  data.choice("format", c.data.format, {"alpaca", "prompt_response", "tokens"});
+  data.choice("format", c.data.format, {"alpaca", "prompt_response", "chat", "tokens"});
+  data.choice("template", c.data.chat_template, {"auto", "llama3", "chatml", "mistral", "llama2"});
   data.get("tokenizer", c.data.tokenizer);
   data.get("seq_len", c.data.seq_len);
   check(c.data.seq_len >= 2, data, "seq_len", "must be at least 2");
@@ -439,7 +440,8 @@ std::string to_yaml(const Config& c) {
   const DataSection& d = c.data;
   out << YAML::Key << "data" << YAML::Value << YAML::BeginMap << YAML::Key << "train" << YAML::Value
       << d.train << YAML::Key << "eval" << YAML::Value << d.eval << YAML::Key << "format"
-      << YAML::Value << d.format << YAML::Key << "tokenizer" << YAML::Value << d.tokenizer
+      << YAML::Value << d.format << YAML::Key << "template" << YAML::Value << d.chat_template
+      << YAML::Key << "tokenizer" << YAML::Value << d.tokenizer
       << YAML::Key << "seq_len" << YAML::Value << d.seq_len << YAML::Key << "synthetic_examples"
       << YAML::Value << d.synthetic_examples << YAML::EndMap;
   const TrainSection& t = c.train;

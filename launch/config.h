@@ -11,7 +11,8 @@ namespace mole::launch {
 
 struct ModelSection {
   // A Hugging Face folder, or synthetic:<preset>: a random-initialised model drawn from train.seed
-  // in-process (tiny, the demo's, sized to the tokenizer; or the real shapes of tinyllama,
+  // in-process (tiny, the demo's, sized to the tokenizer; tiny-llama3, LLaMA-3's vocabulary and
+  // attention layout at a CPU's size; or the real shapes of tinyllama,
   // llama-2-7b, llama-3-8b, llama-2-70b, llama-3-70b, mistral-7b, qwen2-7b).
   std::string base = "synthetic:tiny";
   int64_t layers = 0;  // synthetic presets: keep only the first N decoder layers (0: all)
@@ -58,8 +59,11 @@ struct AdapterSection {
 struct DataSection {
   std::string train = "synthetic:multitask";
   std::string eval;  // empty: no evaluation; "synthetic:multitask" uses a held-out seed
-  std::string format = "alpaca";  // alpaca | prompt_response | tokens
+  std::string format = "alpaca";  // alpaca | prompt_response | chat | tokens
   std::string tokenizer;          // empty: "byte" for synthetic data, else <model.base>
+  // format chat: auto (the family of the tokenizer's own chat template) | llama3 | chatml |
+  // mistral | llama2 (launch/chat.h)
+  std::string chat_template = "auto";
   int64_t seq_len = 512;
   int64_t synthetic_examples = 4096;
 };

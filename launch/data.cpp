@@ -11,8 +11,10 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <thread>
 
 #include "kernels/check.h"
+#include "launch/chat.h"
 
 namespace mole::launch {
 namespace {
@@ -88,6 +90,24 @@ class Record {
     }
     return ids;
   }
+  // {"messages": [{"role": ..., "content": ...}, ...]}, role and content strings.
+  std::vector<ChatMessage> messages() const {
+    const json& value = required("messages");
+    MOLE_CHECK(value.is_array(), where_, ": field 'messages' must be an array of {role, content}, got ",
+               brief(value), " (format ", format_, ")");
+    std::vector<ChatMessage> messages;
+    for (size_t i = 0; i < value.size(); ++i) {
+      const json& m = value[i];
+      MOLE_CHECK(m.is_object(), where_, ": messages[", i, "] must be an object {role, content}, got ", brief(m));
+      for (const char* key : {"role", "content"}) {
+        MOLE_CHECK(m.contains(key), where_, ": messages[", i, "] has no '", key, "'");
+        MOLE_CHECK(m.at(key).is_string(), where_, ": messages[", i, "].", key, " must be a string, got ",
+                   brief(m.at(key)));
+      }
+      messages.push_back({m.at("role").get<std::string>(), m.at("content").get<std::string>()});
+    }
+    return messages;
+  }
   const std::string& where() const { return where_; }
 
  private:
@@ -118,7 +138,12 @@ Example text_example(const Tokenizer& tokenizer, const std::string& prompt,
   return e;
 }
 
-Example record_example(const Record& r, const std::string& format, const Tokenizer& tokenizer) {
+// `chat`: the resolved chat template (format chat only).
+Example record_example(const Record& r, const std::string& format, const ChatTemplate& chat,
+                       const Tokenizer& tokenizer) {
+  if (format == "chat") {
+    return encode_chat(render_chat(chat, r.messages(), r.where()), tokenizer, r.where());
+  }
   if (format == "alpaca") {
     const std::string instruction = r.string("instruction");
     const std::string input = r.optional_string("input");
@@ -166,30 +191,64 @@ void load_jsonl(const DataOptions& options, const Tokenizer& tokenizer, std::vec
              "' is a directory; data.train and data.eval name a JSONL file");
   std::ifstream file(path, std::ios::binary);
   MOLE_CHECK(file.is_open(), "data file '", path, "' cannot be opened: ", std::strerror(errno));
+  std::vector<std::pair<int64_t, std::string>> lines;  // (1-based number, text) of non-blank lines
   std::string line;
-  int64_t records = 0;
   for (int64_t number = 1; std::getline(file, line); ++number) {
     if (number == 1 && line.rfind("\xEF\xBB\xBF", 0) == 0) line.erase(0, 3);  // UTF-8 BOM
-    if (is_blank(line)) continue;
-    const std::string where = path + ":" + std::to_string(number);
+    if (!is_blank(line)) lines.emplace_back(number, std::move(line));
+  }
+  MOLE_CHECK(!file.bad(), "data file '", path, "': read error");
+  MOLE_CHECK(!lines.empty(), "data file '", path, "' holds no examples (empty or only blank lines)");
+  ChatTemplate chat;
+  if (options.format == "chat") {
+    chat = resolve_chat_template(options.chat_template, tokenizer);
+    spdlog::info("{}: conversations rendered with chat template {}{}", path, chat.family,
+                 chat.default_system.empty() ? "" : " (default system message: \"" + chat.default_system + "\")");
+  }
+
+  std::vector<Example> examples(lines.size());
+  parallel_for(lines.size(), options.threads, [&](size_t i) {
+    const std::string where = path + ":" + std::to_string(lines[i].first);
     json object;
     try {
-      object = json::parse(line);
+      object = json::parse(lines[i].second);
     } catch (const json::parse_error& e) {
       std::string detail = e.what();  // "[json.exception...] parse error at line 1, column N: ..."
       if (const size_t at = detail.find("column "); at != std::string::npos) detail.erase(0, at);
       MOLE_FAIL(where, ": not valid JSON (", detail, ")");
     }
     MOLE_CHECK(object.is_object(), where, ": expected a JSON object, got ", object.type_name());
-    ++records;
-    add_example(record_example(Record(object, where, options.format), options.format, tokenizer),
-                options.seq_len, out, stats);
-  }
-  MOLE_CHECK(!file.bad(), "data file '", path, "': read error");
-  MOLE_CHECK(records > 0, "data file '", path, "' holds no examples (empty or only blank lines)");
+    examples[i] = record_example(Record(object, where, options.format), options.format, chat, tokenizer);
+  });
+  for (Example& e : examples) add_example(std::move(e), options.seq_len, out, stats);
 }
 
 }  // namespace
+
+void parallel_for(size_t n, int threads, const std::function<void(size_t)>& work) {
+  if (n == 0) return;
+  std::vector<std::string> errors(n);
+  std::vector<char> failed(n, 0);
+  const auto share = [&](size_t begin, size_t end) {
+    for (size_t i = begin; i < end; ++i) {
+      try {
+        work(i);
+      } catch (const std::exception& e) {
+        errors[i] = e.what();
+        failed[i] = 1;
+        return;  // the rest of this share cannot hold the first error
+      }
+    }
+  };
+  const size_t count = std::clamp<size_t>(static_cast<size_t>(std::max(threads, 1)), 1, n);
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < count; ++t) pool.emplace_back(share, n * t / count, n * (t + 1) / count);
+  share(0, n / count);
+  for (std::thread& thread : pool) thread.join();
+  for (size_t i = 0; i < n; ++i) {
+    if (failed[i]) throw Error(errors[i]);
+  }
+}
 
 std::vector<Example> load_dataset(const DataOptions& options, const Tokenizer& tokenizer,
                                   DatasetStats* stats_out) {
@@ -205,8 +264,8 @@ std::vector<Example> load_dataset(const DataOptions& options, const Tokenizer& t
     }
   } else {
     const std::string& f = options.format;
-    MOLE_CHECK(f == "alpaca" || f == "prompt_response" || f == "tokens", "data.format '", f,
-               "' is not one of alpaca, prompt_response, tokens");
+    MOLE_CHECK(f == "alpaca" || f == "prompt_response" || f == "chat" || f == "tokens", "data.format '", f,
+               "' is not one of alpaca, prompt_response, chat, tokens");
     load_jsonl(options, tokenizer, examples, stats);
   }
   stats.examples = static_cast<int64_t>(examples.size());

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -30,6 +31,17 @@ class Tokenizer {
   virtual int64_t bos_id() const = 0;  // -1 when the tokenizer has none
   virtual int64_t eos_id() const = 0;
   virtual int64_t pad_id() const = 0;  // padding positions also get label -100
+  // Id of a token written as text (e.g. "<|eot_id|>"); -1 when the vocabulary has none.
+  virtual int64_t token_id(const std::string& token) const {
+    (void)token;
+    return -1;
+  }
+  // The Jinja chat template of the model's tokenizer_config.json ("" when it has none).
+  const std::string& chat_template() const { return chat_template_; }
+  void set_chat_template(std::string jinja) { chat_template_ = std::move(jinja); }
+
+ private:
+  std::string chat_template_;
 };
 
 // "byte": UTF-8 bytes as ids 3..258 with pad 0, bos 1, eos 2 (vocab 259), for the built-in demo.
@@ -52,10 +64,12 @@ struct Example {
 
 struct DataOptions {
   std::string path;              // a .jsonl file or "synthetic:multitask"
-  std::string format = "alpaca";  // alpaca | prompt_response | tokens
+  std::string format = "alpaca";  // alpaca | prompt_response | chat | tokens
+  std::string chat_template = "auto";  // format chat: a family of launch/chat.h, or auto
   int64_t seq_len = 512;
   uint64_t seed = 42;            // synthetic generation
   int64_t synthetic_examples = 4096;
+  int threads = 1;  // JSONL lines are tokenised on this many threads (the result does not depend on it)
 };
 
 struct DatasetStats {
@@ -65,12 +79,20 @@ struct DatasetStats {
 };
 
 // Loads and tokenises every example. JSONL: one JSON object per line; blank lines skipped;
-// alpaca {instruction, input?, output}; prompt_response {prompt, response}; tokens
-// {input_ids, labels?} (labels default to input_ids). Errors name the file and the 1-based line
-// (bad JSON, missing or wrongly typed field, token id outside the vocabulary); an empty file or
-// one with no usable example is an error.
+// alpaca {instruction, input?, output}; prompt_response {prompt, response}; chat {messages:
+// [{role, content}]} rendered with a chat template, the loss on assistant turns only
+// (launch/chat.h); tokens {input_ids, labels?} (labels default to input_ids). An example longer
+// than seq_len keeps its first seq_len tokens; one with no target token left then is dropped
+// (both counted and logged). Errors name the file and the 1-based line (bad JSON, missing or
+// wrongly typed field, token id outside the vocabulary, a conversation the template cannot
+// render); an empty file or one with no usable example is an error.
 std::vector<Example> load_dataset(const DataOptions& options, const Tokenizer& tokenizer,
                                   DatasetStats* stats = nullptr);
+
+// Runs work(i) for every i in [0, n) on up to `threads` threads, each a contiguous share; when
+// some fail, the error of the smallest i is thrown (mole::Error with its message), as one thread
+// going in order would have.
+void parallel_for(size_t n, int threads, const std::function<void(size_t)>& work);
 
 // The built-in multi-task data: several string transformations selected by a task tag in the
 // prompt (e.g. "reverse: abc" -> "cba"), different enough that routing matters. Deterministic

@@ -10,6 +10,7 @@
 #include <unicode/unistr.h>
 
 #include <algorithm>
+#include <array>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -605,14 +606,20 @@ struct HfTokenizer::Impl {
   std::vector<std::vector<int64_t>> template_single;  // per item: fixed ids, or empty = the sequence
   std::vector<bool> template_is_sequence;
   int64_t vocab_size = 0, bos = -1, eos = -1, pad = -1;
-  mutable std::mutex cache_mutex;
-  mutable std::unordered_map<std::string, std::vector<int64_t>> cache;
+  // Word -> ids, in shards so that threads tokenising a dataset seldom wait for each other.
+  struct CacheShard {
+    std::mutex mutex;
+    std::unordered_map<std::string, std::vector<int64_t>> words;
+  };
+  static constexpr size_t kCacheShards = 16;
+  mutable std::array<CacheShard, kCacheShards> cache;
 
   std::vector<int64_t> bpe(const std::string& word) const {
+    CacheShard& shard = cache[std::hash<std::string>{}(word) % kCacheShards];
     {
-      std::lock_guard<std::mutex> lock(cache_mutex);
-      auto it = cache.find(word);
-      if (it != cache.end()) return it->second;
+      std::lock_guard<std::mutex> lock(shard.mutex);
+      auto it = shard.words.find(word);
+      if (it != shard.words.end()) return it->second;
     }
     std::vector<int64_t> ids;
     auto whole = vocab.find(word);
@@ -691,8 +698,8 @@ struct HfTokenizer::Impl {
         ids.push_back(it->second);
       }
     }
-    std::lock_guard<std::mutex> lock(cache_mutex);
-    if (word.size() <= 256 && cache.size() < (1u << 20)) cache.emplace(word, ids);
+    std::lock_guard<std::mutex> lock(shard.mutex);
+    if (word.size() <= 256 && shard.words.size() < (1u << 16)) shard.words.emplace(word, ids);
     return ids;
   }
 

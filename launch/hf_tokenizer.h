@@ -40,7 +40,7 @@ class HfTokenizer final : public Tokenizer {
   int64_t eos_id() const override;
   int64_t pad_id() const override;
   // Token id of `token` (vocabulary or added token); -1 when there is none.
-  int64_t token_id(const std::string& token) const;
+  int64_t token_id(const std::string& token) const override;
 
   struct Impl;
 

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <thread>
 
 #include "checkpoint/model_loader.h"
 #include "checkpoint/moe_peft_adapter.h"
@@ -99,7 +100,16 @@ void setup_expert_parallel(RunParts& run) {
 
 void load_data(RunParts& run) {
   const Config& c = run.config;
-  DataOptions data{c.data.train, c.data.format, c.data.seq_len, c.train.seed, c.data.synthetic_examples};
+  DataOptions data;
+  data.path = c.data.train;
+  data.format = c.data.format;
+  data.chat_template = c.data.chat_template;
+  data.seq_len = c.data.seq_len;
+  data.seed = c.train.seed;
+  data.synthetic_examples = c.data.synthetic_examples;
+  // Every rank tokenises the whole file; the ranks of a node share its cores.
+  const int local_world = std::max(1, dist::detect_rank_info().local_world);
+  data.threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local_world);
   DatasetStats stats;
   std::vector<Example> train = load_dataset(data, *run.tokenizer, &stats);
   spdlog::info("data: {} training examples from {} ({} truncated to {} tokens, {} dropped)",

@@ -8,6 +8,9 @@
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <thread>
+#include <utility>
+#include <vector>
 
 #include "kernels/check.h"
 #include "launch/data.h"
@@ -35,7 +38,8 @@ void run_tokenize(const TokenizeOptions& o) {
     MOLE_CHECK(file.good(), "mole tokenize: cannot write '", o.output, "'");
   }
   std::ostream& out = o.output.empty() ? std::cout : file;
-  const auto tokenize = [&](nlohmann::json line, const std::string& where) {
+  // One line's output (without its newline).
+  const auto tokenize = [&](nlohmann::json line, const std::string& where) -> std::string {
     if (o.decode) {
       MOLE_CHECK(line.contains("ids") && line["ids"].is_array(), where, ": no \"ids\" array");
       std::vector<int64_t> ids;
@@ -52,26 +56,32 @@ void run_tokenize(const TokenizeOptions& o) {
       const std::string text = line["text"].get<std::string>();
       line["ids"] = o.special ? tok->encode_with_special(text) : tok->encode(text);
     }
-    out << line.dump() << "\n";
+    return line.dump();
   };
   if (!o.text.empty()) {
-    tokenize(nlohmann::json{{"text", o.text}}, "--text");
+    out << tokenize(nlohmann::json{{"text", o.text}}, "--text") << "\n";
   } else {
     std::ifstream in(o.input, std::ios::binary);
     MOLE_CHECK(in.good(), "mole tokenize: cannot open '", o.input, "'");
+    std::vector<std::pair<int64_t, std::string>> lines;  // (1-based number, text), blank lines skipped
     std::string line;
     for (int64_t n = 1; std::getline(in, line); ++n) {
-      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      const std::string where = o.input + ":" + std::to_string(n);
+      if (line.find_first_not_of(" \t\r") != std::string::npos) lines.emplace_back(n, std::move(line));
+    }
+    // On every core, in order of the input; the first bad line is the error.
+    std::vector<std::string> results(lines.size());
+    parallel_for(lines.size(), static_cast<int>(std::thread::hardware_concurrency()), [&](size_t i) {
+      const std::string where = o.input + ":" + std::to_string(lines[i].first);
       nlohmann::json j;
       try {
-        j = nlohmann::json::parse(line);
+        j = nlohmann::json::parse(lines[i].second);
       } catch (const nlohmann::json::exception& e) {
         MOLE_FAIL(where, ": not JSON (", e.what(), ")");
       }
       MOLE_CHECK(j.is_object(), where, ": not a JSON object");
-      tokenize(std::move(j), where);
-    }
+      results[i] = tokenize(std::move(j), where);
+    });
+    for (const std::string& r : results) out << r << "\n";
   }
   out.flush();
   MOLE_CHECK(out.good(), "mole tokenize: writing ", o.output.empty() ? "stdout" : "'" + o.output + "'", " failed");

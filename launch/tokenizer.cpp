@@ -12,6 +12,7 @@
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <queue>
 #include <string_view>
 #include <unordered_map>
@@ -244,6 +245,12 @@ class SentencePieceModel {
   SentencePieceModel& operator=(const SentencePieceModel&) = delete;
 
   int64_t size() const { return static_cast<int64_t>(pieces_.size()); }
+  // -1 when the model has no such piece.
+  int find_piece(std::string_view piece) const {
+    if (auto it = reserved_.find(piece); it != reserved_.end()) return it->second;
+    if (auto it = normal_.find(piece); it != normal_.end()) return it->second;
+    return -1;
+  }
   int special_id(const std::string& piece, PieceType type) const {
     const int id = piece_to_id(piece);
     return types_[id] == type ? id : -1;
@@ -360,9 +367,8 @@ class SentencePieceModel {
   }
 
   int piece_to_id(std::string_view piece) const {
-    if (auto it = reserved_.find(piece); it != reserved_.end()) return it->second;
-    if (auto it = normal_.find(piece); it != normal_.end()) return it->second;
-    return unk_id_;
+    const int id = find_piece(piece);
+    return id >= 0 ? id : unk_id_;
   }
 
   // The longest user-defined piece starting `s` (0 when none); such pieces are never split.
@@ -519,6 +525,7 @@ class SentencePieceTokenizer final : public Tokenizer {
   }
 
   int64_t vocab_size() const override { return model_.size(); }
+  int64_t token_id(const std::string& token) const override { return model_.find_piece(token); }
   int64_t bos_id() const override { return bos_; }
   int64_t eos_id() const override { return eos_; }
   int64_t pad_id() const override { return pad_; }
@@ -551,9 +558,50 @@ std::string read_file(const std::string& path, const std::string& what) {
   return bytes;
 }
 
+// tokenizer_config.json's chat_template: a string, or a list of {name, template} (the one named
+// "default", else the first). "" when the file or the key is absent.
+std::string read_chat_template(const std::filesystem::path& config_path) {
+  if (!std::filesystem::is_regular_file(config_path)) return {};
+  nlohmann::json config;
+  try {
+    config = nlohmann::json::parse(read_file(config_path.string(), "tokenizer_config.json"));
+  } catch (const nlohmann::json::exception& e) {
+    MOLE_FAIL("'", config_path.string(), "' is not valid JSON: ", e.what());
+  }
+  if (!config.is_object() || !config.contains("chat_template")) return {};
+  const nlohmann::json& t = config.at("chat_template");
+  if (t.is_string()) return t.get<std::string>();
+  if (t.is_array()) {
+    std::string first;
+    for (const nlohmann::json& item : t) {
+      if (!item.is_object() || !item.contains("template") || !item.at("template").is_string()) continue;
+      if (first.empty()) first = item.at("template").get<std::string>();
+      if (item.value("name", "") == "default") return item.at("template").get<std::string>();
+    }
+    return first;
+  }
+  MOLE_CHECK(t.is_null(), "'", config_path.string(), "': chat_template must be a string or a list of "
+             "{name, template}, got ", t.type_name());
+  return {};
+}
+
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& spec);
+
 }  // namespace
 
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& spec) {
+  std::unique_ptr<Tokenizer> tokenizer = load_tokenizer(spec);
+  namespace fs = std::filesystem;
+  if (spec != "byte") {
+    const fs::path folder = fs::is_directory(spec) ? fs::path(spec) : fs::path(spec).parent_path();
+    tokenizer->set_chat_template(read_chat_template(folder / "tokenizer_config.json"));
+  }
+  return tokenizer;
+}
+
+namespace {
+
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& spec) {
   if (spec == "byte") return std::make_unique<ByteTokenizer>();
   MOLE_CHECK(!spec.empty(), "tokenizer: empty path (use \"byte\", a tokenizer.json, a sentencepiece model or a "
              "model folder)");
@@ -585,6 +633,8 @@ std::unique_ptr<Tokenizer> make_tokenizer(const std::string& spec) {
   return std::make_unique<SentencePieceTokenizer>(serialized, path);
 }
 
+}  // namespace
+
 std::map<std::string, std::string> tokenizer_files(const std::string& spec) {
   if (spec == "byte") return {{kByteConfig, byte_tokenizer_config()}};
   namespace fs = std::filesystem;
@@ -598,7 +648,12 @@ std::map<std::string, std::string> tokenizer_files(const std::string& spec) {
   if (fs::is_directory(spec)) {
     if (fs::is_regular_file(fs::path(spec) / "tokenizer.json")) return with_config(fs::path(spec) / "tokenizer.json");
     const std::string model = (fs::path(spec) / "tokenizer.model").string();
-    if (fs::is_regular_file(model)) return {{"tokenizer.model", read_file(model, "tokenizer.model")}};
+    if (fs::is_regular_file(model)) {
+      std::map<std::string, std::string> files{{"tokenizer.model", read_file(model, "tokenizer.model")}};
+      const fs::path config = fs::path(spec) / "tokenizer_config.json";
+      if (fs::is_regular_file(config)) files["tokenizer_config.json"] = read_file(config.string(), "tokenizer_config.json");
+      return files;
+    }
     return {{kByteConfig, read_file((fs::path(spec) / kByteConfig).string(), "tokenizer_config.json")}};
   }
   if (fs::path(spec).extension() == ".json") return with_config(fs::path(spec));

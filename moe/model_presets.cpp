@@ -31,13 +31,20 @@ ModelConfig tiny_model_config(int64_t vocab) {
 }
 
 const std::vector<std::string>& model_preset_names() {
-  static const std::vector<std::string> names = {"tiny",        "tinyllama",   "llama-2-7b", "llama-3-8b",
+  static const std::vector<std::string> names = {"tiny", "tiny-llama3", "tinyllama",   "llama-2-7b", "llama-3-8b",
                                                  "llama-2-70b", "llama-3-70b", "mistral-7b", "qwen2-7b"};
   return names;
 }
 
 ModelConfig model_preset(const std::string& name) {
   if (name == "tiny") return tiny_model_config(256);
+  if (name == "tiny-llama3") {
+    // LLaMA-3's vocabulary, grouped-query attention (4 query heads per KV head) and RoPE base, at
+    // a size a CPU trains: for runs with the real LLaMA-3 tokenizer.
+    ModelConfig c = llama(128256, 128, 448, 2, 4, 1, 500000.0, 8192);
+    c.head_dim = 32;
+    return c;
+  }
   if (name == "tinyllama") return llama(32000, 2048, 5632, 22, 32, 4, 10000.0, 2048);
   if (name == "llama-2-7b") return llama(32000, 4096, 11008, 32, 32, 32, 10000.0, 4096);
   if (name == "llama-3-8b") return llama(128256, 4096, 14336, 32, 32, 8, 500000.0, 8192);

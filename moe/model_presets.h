@@ -13,7 +13,8 @@ namespace mole::moe {
 // The built-in synthetic base: a small LLaMA-architecture model with `vocab` entries.
 ModelConfig tiny_model_config(int64_t vocab);
 
-// "tiny" (tiny_model_config(256)), "tinyllama" (TinyLlama-1.1B), "llama-2-7b", "llama-3-8b",
+// "tiny" (tiny_model_config(256)), "tiny-llama3" (LLaMA-3's vocabulary, GQA and RoPE base at
+// hidden size 128, 2 layers), "tinyllama" (TinyLlama-1.1B), "llama-2-7b", "llama-3-8b",
 // "llama-2-70b", "llama-3-70b", "mistral-7b" (v0.3), "qwen2-7b": the shapes of their Hugging Face
 // config.json files. Throws mole::Error naming the known presets for any other name.
 ModelConfig model_preset(const std::string& name);

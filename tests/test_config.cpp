@@ -66,7 +66,7 @@ TEST(Config, SyntheticPresetsAndLayers) {
   EXPECT_EQ(c.model.base, "synthetic:llama-3-70b");
   EXPECT_EQ(c.model.layers, 2);
   EXPECT_NE(error_of("model: {base: 'synthetic:llama-9'}").find(
-                "'model.base' names an unknown preset 'llama-9' (known: synthetic:tiny, synthetic:tinyllama, "
+                "'model.base' names an unknown preset 'llama-9' (known: synthetic:tiny, synthetic:tiny-llama3, synthetic:tinyllama, "
                 "synthetic:llama-2-7b, synthetic:llama-3-8b, synthetic:llama-2-70b, synthetic:llama-3-70b, "
                 "synthetic:mistral-7b, synthetic:qwen2-7b)"),
             std::string::npos)
