@@ -567,10 +567,10 @@ Decoder make_decoder(const json& d, const std::string& file) {
     std::string scheme = d.value("prepend_scheme", std::string());
     if (scheme.empty()) scheme = d.value("add_prefix_space", true) ? "always" : "never";
     return [replacement, scheme](std::vector<std::string> tokens) {
+      // As the library does: every replacement character of the first token is dropped (not
+      // only a leading one) unless the scheme is "never"; elsewhere each becomes a space.
       for (size_t i = 0; i < tokens.size(); ++i) {
-        std::string t = replace_all(tokens[i], replacement, " ");
-        if (i == 0 && scheme != "never" && !t.empty() && t[0] == ' ') t.erase(0, 1);
-        tokens[i] = t;
+        tokens[i] = replace_all(tokens[i], replacement, i == 0 && scheme != "never" ? "" : " ");
       }
       return tokens;
     };

@@ -27,6 +27,18 @@ nlohmann::json reference() {
   return nlohmann::json::parse(in);
 }
 
+nlohmann::json variants() {
+  std::ifstream in(kFixtures + "/variants.json");
+  return nlohmann::json::parse(in).at("variants");
+}
+
+std::vector<std::string> variant_names() {
+  std::vector<std::string> names;
+  const nlohmann::json all = variants();
+  for (const auto& item : all.items()) names.push_back(item.key());
+  return names;
+}
+
 class HfTokenizerReference : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(HfTokenizerReference, IdsAndDecodingEqualTheLibrary) {
@@ -64,6 +76,35 @@ TEST_P(HfTokenizerReference, IdsAndDecodingEqualTheLibrary) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Files, HfTokenizerReference, ::testing::Values("llama3", "llama2"));
+
+// variants.json: a fixture tokenizer.json with top-level components replaced (Metaspace with each
+// prepend scheme and split, Digits, NFC / NFKC / Lowercase, Split behaviours and invert, Strip
+// and Metaspace decoders), made here as make_reference.js made it for the library.
+class HfTokenizerVariant : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(HfTokenizerVariant, IdsAndDecodingEqualTheLibrary) {
+  const std::string name = GetParam();
+  const nlohmann::json variant = variants().at(name);
+  const std::string base = variant.at("base");
+  nlohmann::json file = nlohmann::json::parse(test::read_bytes(kFixtures + "/" + base + "/tokenizer.json"));
+  for (const auto& item : variant.at("replace").items()) file[item.key()] = item.value();
+  test::TempDir dir;
+  test::write_bytes(dir.file("tokenizer.json"), file.dump());
+  test::write_bytes(dir.file("tokenizer_config.json"), test::read_bytes(kFixtures + "/" + base + "/tokenizer_config.json"));
+  const launch::HfTokenizer tok(dir.file("tokenizer.json"));
+  const nlohmann::json cases = reference().at("tokenizers").at(name);
+  ASSERT_GE(cases.size(), 60u);
+  for (const nlohmann::json& c : cases) {
+    const std::string text = c.at("text").get<std::string>();
+    const std::vector<int64_t> ids = c.at("ids").get<std::vector<int64_t>>();
+    EXPECT_EQ(tok.encode(text), ids) << name << ": " << c.at("text").dump();
+    EXPECT_EQ(tok.encode_with_special(text), c.at("ids_special").get<std::vector<int64_t>>())
+        << name << " (special): " << c.at("text").dump();
+    EXPECT_EQ(tok.decode(ids), c.at("decoded").get<std::string>()) << name << " decode: " << c.at("text").dump();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Variants, HfTokenizerVariant, ::testing::ValuesIn(variant_names()));
 
 TEST(HfTokenizer, SpecialTokensAndBadFilesAreClear) {
   const launch::HfTokenizer llama2(kFixtures + "/llama2/tokenizer.json");

