@@ -703,11 +703,13 @@ struct HfTokenizer::Impl {
     return ids;
   }
 
-  void encode_segment(const std::string& text, std::vector<int64_t>& out) const {
+  // `at_start`: the segment begins the input (Metaspace's prepend_scheme "first" prepends only
+  // there, not after an added token, as the library decides by the segment's original offset).
+  void encode_segment(const std::string& text, bool at_start, std::vector<int64_t>& out) const {
     if (text.empty()) return;
     const std::string normalized = normalizer(text);
     if (normalized.empty()) return;
-    for (const Piece& p : pre_tokenizer({Piece{normalized, true}})) {
+    for (const Piece& p : pre_tokenizer({Piece{normalized, at_start}})) {
       const std::vector<int64_t> ids = bpe(p.text);
       out.insert(out.end(), ids.begin(), ids.end());
     }
@@ -740,11 +742,11 @@ struct HfTokenizer::Impl {
       size_t left = i, right = i + hit->content.size();
       if (hit->lstrip) while (left > segment && is_space(text[left - 1])) --left;
       if (hit->rstrip) while (right < text.size() && is_space(text[right])) ++right;
-      encode_segment(text.substr(segment, left - segment), out);
+      encode_segment(text.substr(segment, left - segment), segment == 0, out);
       out.push_back(hit->id);
       segment = i = right;
     }
-    encode_segment(text.substr(segment), out);
+    encode_segment(text.substr(segment), segment == 0, out);
     return out;
   }
 };

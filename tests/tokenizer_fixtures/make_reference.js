@@ -76,6 +76,8 @@ const corpus = [
   'a\u0000b control char',
   '<|begin_of_text|> literal special token text',
   '<s> and </s> as text',
+  '<s>and</s>after: text right after special tokens',
+  'x<|eot_id|>y<|begin_of_text|>z',
   'The quick brown fox jumps over the lazy dog.',
   'THE QUICK BROWN FOX',
   'CamelCaseIdentifierName and snake_case_name',
