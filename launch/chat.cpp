@@ -60,18 +60,37 @@ class Renderer {
   std::vector<ChatPiece> pieces_;
 };
 
+void llama3_message(Renderer& r, const ChatMessage& m) {
+  const bool answer = m.role == "assistant";
+  r.token("<|start_header_id|>", false);
+  r.text(m.role, false);
+  r.token("<|end_header_id|>", false);
+  r.text("\n\n", false);
+  r.text(trim(m.content), answer);
+  r.token("<|eot_id|>", answer);
+}
+
 std::vector<ChatPiece> render_llama3(const std::vector<ChatMessage>& messages) {
   Renderer r;
   r.bos();
-  for (const ChatMessage& m : messages) {
-    const bool answer = m.role == "assistant";
-    r.token("<|start_header_id|>", false);
-    r.text(m.role, false);
-    r.token("<|end_header_id|>", false);
-    r.text("\n\n", false);
-    r.text(trim(m.content), answer);
-    r.token("<|eot_id|>", answer);
-  }
+  for (const ChatMessage& m : messages) llama3_message(r, m);
+  return r.take();
+}
+
+// LLaMA-3.1 / 3.3 (no tools, the template's default date): a system turn always comes first,
+// the date preamble before the system message (if any).
+std::vector<ChatPiece> render_llama31(const std::vector<ChatMessage>& messages) {
+  const bool has_system = messages.front().role == "system";
+  Renderer r;
+  r.bos();
+  r.token("<|start_header_id|>", false);
+  r.text("system", false);
+  r.token("<|end_header_id|>", false);
+  r.text("\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n" +
+             (has_system ? trim(messages.front().content) : std::string()),
+         false);
+  r.token("<|eot_id|>", false);
+  for (size_t i = has_system ? 1 : 0; i < messages.size(); ++i) llama3_message(r, messages[i]);
   return r.take();
 }
 
@@ -91,33 +110,30 @@ std::vector<ChatPiece> render_chatml(const std::vector<ChatMessage>& messages, c
   return r.take();
 }
 
-// The text of the literal '<|im_start|>system\nTEXT<|im_end|>' in a ChatML template ("" when none):
-// a Jinja string literal, its newline written as \n or as itself.
+// The default system message of a ChatML template: the text between "<|im_start|>system\n" and
+// "<|im_end|>" inside one Jinja string literal ('...' or "..."; escapes \n \t \' \" \\ read
+// as Jinja reads them). "" when the template has no such literal.
 std::string chatml_default_system(const std::string& jinja) {
-  const std::string open = "<|im_start|>system", close = "<|im_end|>";
-  for (size_t at = jinja.find(open); at != std::string::npos; at = jinja.find(open, at + 1)) {
-    size_t begin = at + open.size();
-    if (jinja.compare(begin, 2, "\\n") == 0) {
-      begin += 2;
-    } else if (jinja.compare(begin, 1, "\n") == 0) {
-      begin += 1;
-    } else {
-      continue;
-    }
-    const size_t end = jinja.find(close, begin);
-    if (end == std::string::npos) continue;
-    const std::string text = jinja.substr(begin, end - begin);
-    if (text.empty() || text.find_first_of("'\"{}+") != std::string::npos) continue;  // not a literal
-    std::string out;
-    for (size_t i = 0; i < text.size(); ++i) {
-      if (text[i] == '\\' && i + 1 < text.size()) {
-        const char e = text[++i];
-        out += e == 'n' ? '\n' : e == 't' ? '\t' : e;
+  const std::string open = "<|im_start|>system\n", close = "<|im_end|>";
+  for (size_t i = 0; i < jinja.size(); ++i) {
+    const char quote = jinja[i];
+    if (quote != '\'' && quote != '"') continue;
+    // The literal starting here, unescaped; i ends on its closing quote.
+    std::string literal;
+    size_t j = i + 1;
+    for (; j < jinja.size() && jinja[j] != quote; ++j) {
+      if (jinja[j] == '\\' && j + 1 < jinja.size()) {
+        const char e = jinja[++j];
+        literal += e == 'n' ? '\n' : e == 't' ? '\t' : e == 'r' ? '\r' : e;
       } else {
-        out += text[i];
+        literal += jinja[j];
       }
     }
-    return out;
+    if (j >= jinja.size()) break;  // unterminated: no literal can follow
+    const size_t begin = literal.find(open);
+    const size_t end = begin == std::string::npos ? begin : literal.find(close, begin + open.size());
+    if (end != std::string::npos && end > begin + open.size()) return literal.substr(begin + open.size(), end - begin - open.size());
+    i = j;
   }
   return {};
 }
@@ -179,16 +195,21 @@ std::vector<ChatPiece> render_llama2(const std::vector<ChatMessage>& messages, c
 }  // namespace
 
 const std::vector<std::string>& chat_template_names() {
-  static const std::vector<std::string> names = {"llama3", "chatml", "mistral", "llama2"};
+  static const std::vector<std::string> names = {"llama3", "llama3.1", "chatml", "mistral", "llama2"};
   return names;
 }
 
 std::string recognise_chat_template(const std::string& jinja) {
   const auto has = [&jinja](const char* marker) { return jinja.find(marker) != std::string::npos; };
-  if (has("<|start_header_id|>")) return "llama3";
-  if (has("<|im_start|>")) return "chatml";
+  // Relatives that write more or differently are not taken for a family: Qwen3's <think> blocks,
+  // ChatML with a BOS, Mistral v0.1/v0.2's " [INST] " spacing, a LLaMA-3.1 date other than 3.1's.
+  if (has("<|start_header_id|>")) {
+    if (!has("Cutting Knowledge Date")) return "llama3";
+    return has("Today Date: ") && has("26 Jul 2024") ? "llama3.1" : "";
+  }
+  if (has("<|im_start|>")) return has("<think>") || has("bos_token") ? "" : "chatml";
   if (has("[INST]") && has("<<SYS>>")) return "llama2";
-  if (has("[INST]")) return "mistral";
+  if (has("[INST]")) return has(" [/INST]") || has(" [INST]") ? "" : "mistral";
   return {};
 }
 
@@ -211,7 +232,7 @@ ChatTemplate resolve_chat_template(const std::string& configured, const Tokenize
              "(tokenizer_config.json's chat_template); set data.template to one of ", known);
   const std::string family = recognise_chat_template(tokenizer.chat_template());
   MOLE_CHECK(!family.empty(), "data.format chat: the tokenizer's chat template is none that mole renders (it "
-             "recognises LLaMA-3 <|start_header_id|>, ChatML <|im_start|>, LLaMA-2 [INST] with <<SYS>>, Mistral "
+             "recognises LLaMA-3 and 3.1 <|start_header_id|>, ChatML <|im_start|>, LLaMA-2 [INST] with <<SYS>>, Mistral "
              "[INST]); set data.template to one of ", known, " if one of them is the model's format");
   return with_default(family);
 }
@@ -229,6 +250,7 @@ std::vector<ChatPiece> render_chat(const ChatTemplate& style, const std::vector<
   }
   MOLE_CHECK(answered, where, ": the conversation has no assistant message, so nothing to learn from");
   if (family == "llama3") return render_llama3(messages);
+  if (family == "llama3.1") return render_llama31(messages);
   if (family == "chatml") return render_chatml(messages, style.default_system);
   if (family == "mistral") return render_mistral(messages, where);
   MOLE_CHECK(family == "llama2", "unknown chat template family '", family, "'");

@@ -4,10 +4,12 @@
 // mole renders the templates itself (no Jinja engine). The families, with what each writes for a
 // training conversation (tests/tokenizer_fixtures/chat/ holds the official templates and their
 // renderings by a Jinja engine, which these equal):
-//   llama3   LLaMA-3 / 3.1 / 3.3:  <|begin_of_text|> then per message
+//   llama3   LLaMA-3:  <|begin_of_text|> then per message
 //            <|start_header_id|>ROLE<|end_header_id|>\n\nCONTENT<|eot_id|>, content trimmed.
-//            (3.1's date and tool preamble is not written.)
-//   chatml   Qwen2 / 2.5 / 3 (ChatML): per message <|im_start|>ROLE\nCONTENT<|im_end|>\n; no BOS.
+//   llama3.1 LLaMA-3.1 / 3.3 (no tools): the same turns after a system turn that always comes
+//            first: "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n" and
+//            the system message, if any (the template's default date).
+//   chatml   Qwen2 / 2.5 (ChatML): per message <|im_start|>ROLE\nCONTENT<|im_end|>\n; no BOS.
 //            A conversation without a system message first gets the default one that the
 //            model's own template writes (Qwen2.5: "You are Qwen, created by Alibaba Cloud. ...").
 //   mistral  Mistral Instruct v0.3: <s>[INST] USER[/INST] ASSISTANT</s>..., the system message
@@ -41,7 +43,9 @@ struct ChatMessage {
 const std::vector<std::string>& chat_template_names();
 
 // The family of a Jinja chat template by the markers it writes (<|start_header_id|>,
-// <|im_start|>, <<SYS>> with [INST], [INST]); "" when none matches.
+// <|im_start|>, <<SYS>> with [INST], [INST]); "" when none matches, and for relatives that write
+// more or differently (Qwen3's <think> blocks, ChatML with a BOS, Mistral v0.1/v0.2's " [INST] "
+// spacing): those need data.template, knowingly.
 std::string recognise_chat_template(const std::string& jinja);
 
 struct ChatTemplate {

@@ -309,7 +309,7 @@ Config parse_config(const std::string& yaml_text, const std::string& source,
   check(!c.data.train.empty(), data, "train", "must name a JSONL file or synthetic:multitask");
   data.get("eval", c.data.eval);
   data.choice("format", c.data.format, {"alpaca", "prompt_response", "chat", "tokens"});
-  data.choice("template", c.data.chat_template, {"auto", "llama3", "chatml", "mistral", "llama2"});
+  data.choice("template", c.data.chat_template, {"auto", "llama3", "llama3.1", "chatml", "mistral", "llama2"});
   data.get("tokenizer", c.data.tokenizer);
   data.get("seq_len", c.data.seq_len);
   check(c.data.seq_len >= 2, data, "seq_len", "must be at least 2");

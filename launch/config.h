@@ -61,8 +61,8 @@ struct DataSection {
   std::string eval;  // empty: no evaluation; "synthetic:multitask" uses a held-out seed
   std::string format = "alpaca";  // alpaca | prompt_response | chat | tokens
   std::string tokenizer;          // empty: "byte" for synthetic data, else <model.base>
-  // format chat: auto (the family of the tokenizer's own chat template) | llama3 | chatml |
-  // mistral | llama2 (launch/chat.h)
+  // format chat: auto (the family of the tokenizer's own chat template) | llama3 | llama3.1 |
+  // chatml | mistral | llama2 (launch/chat.h)
   std::string chat_template = "auto";
   int64_t seq_len = 512;
   int64_t synthetic_examples = 4096;

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <system_error>
 #include <thread>
 
 #include "kernels/check.h"
@@ -179,6 +180,19 @@ void add_example(Example e, int64_t seq_len, std::vector<Example>& out, DatasetS
   out.push_back(std::move(e));
 }
 
+// Runs `body`; an error from it that does not name `where` yet (e.g. the tokenizer's) is thrown
+// again as a mole::Error that begins with it.
+template <typename Body>
+void with_location(const std::string& where, Body&& body) {
+  try {
+    body();
+  } catch (const std::exception& e) {
+    const std::string message = e.what();
+    if (message.rfind(where, 0) == 0) throw;
+    throw Error(where + ": " + message);
+  }
+}
+
 bool is_blank(const std::string& line) {
   return line.find_first_not_of(" \t\r\n") == std::string::npos;
 }
@@ -209,16 +223,18 @@ void load_jsonl(const DataOptions& options, const Tokenizer& tokenizer, std::vec
   std::vector<Example> examples(lines.size());
   parallel_for(lines.size(), options.threads, [&](size_t i) {
     const std::string where = path + ":" + std::to_string(lines[i].first);
-    json object;
-    try {
-      object = json::parse(lines[i].second);
-    } catch (const json::parse_error& e) {
-      std::string detail = e.what();  // "[json.exception...] parse error at line 1, column N: ..."
-      if (const size_t at = detail.find("column "); at != std::string::npos) detail.erase(0, at);
-      MOLE_FAIL(where, ": not valid JSON (", detail, ")");
-    }
-    MOLE_CHECK(object.is_object(), where, ": expected a JSON object, got ", object.type_name());
-    examples[i] = record_example(Record(object, where, options.format), options.format, chat, tokenizer);
+    with_location(where, [&] {
+      json object;
+      try {
+        object = json::parse(lines[i].second);
+      } catch (const json::parse_error& e) {
+        std::string detail = e.what();  // "[json.exception...] parse error at line 1, column N: ..."
+        if (const size_t at = detail.find("column "); at != std::string::npos) detail.erase(0, at);
+        MOLE_FAIL(where, ": not valid JSON (", detail, ")");
+      }
+      MOLE_CHECK(object.is_object(), where, ": expected a JSON object, got ", object.type_name());
+      examples[i] = record_example(Record(object, where, options.format), options.format, chat, tokenizer);
+    });
   });
   for (Example& e : examples) add_example(std::move(e), options.seq_len, out, stats);
 }
@@ -237,13 +253,23 @@ void parallel_for(size_t n, int threads, const std::function<void(size_t)>& work
         errors[i] = e.what();
         failed[i] = 1;
         return;  // the rest of this share cannot hold the first error
+      } catch (...) {
+        errors[i] = "unknown error";
+        failed[i] = 1;
+        return;
       }
     }
   };
   const size_t count = std::clamp<size_t>(static_cast<size_t>(std::max(threads, 1)), 1, n);
   std::vector<std::thread> pool;
-  for (size_t t = 1; t < count; ++t) pool.emplace_back(share, n * t / count, n * (t + 1) / count);
+  size_t done = 1;  // shares started on threads (1..done-1) or that will run here (0)
+  try {
+    for (; done < count; ++done) pool.emplace_back(share, n * done / count, n * (done + 1) / count);
+  } catch (const std::system_error&) {
+    // No more threads: the shares not started run here, in order.
+  }
   share(0, n / count);
+  for (size_t t = done; t < count; ++t) share(n * t / count, n * (t + 1) / count);
   for (std::thread& thread : pool) thread.join();
   for (size_t i = 0; i < n; ++i) {
     if (failed[i]) throw Error(errors[i]);

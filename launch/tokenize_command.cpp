@@ -63,25 +63,38 @@ void run_tokenize(const TokenizeOptions& o) {
   } else {
     std::ifstream in(o.input, std::ios::binary);
     MOLE_CHECK(in.good(), "mole tokenize: cannot open '", o.input, "'");
+    // Chunks of lines, each on every core; output in input order; the first bad line is the error.
+    constexpr size_t kChunk = 1 << 16;
     std::vector<std::pair<int64_t, std::string>> lines;  // (1-based number, text), blank lines skipped
+    std::vector<std::string> results;
+    const auto flush = [&] {
+      results.assign(lines.size(), std::string());
+      parallel_for(lines.size(), static_cast<int>(std::thread::hardware_concurrency()), [&](size_t i) {
+        const std::string where = o.input + ":" + std::to_string(lines[i].first);
+        try {
+          nlohmann::json j;
+          try {
+            j = nlohmann::json::parse(lines[i].second);
+          } catch (const nlohmann::json::exception& e) {
+            MOLE_FAIL(where, ": not JSON (", e.what(), ")");
+          }
+          MOLE_CHECK(j.is_object(), where, ": not a JSON object");
+          results[i] = tokenize(std::move(j), where);
+        } catch (const std::exception& e) {
+          const std::string message = e.what();
+          if (message.rfind(where, 0) == 0) throw;
+          MOLE_FAIL(where, ": ", message);  // e.g. decoded ids that are not whole UTF-8 characters
+        }
+      });
+      for (const std::string& r : results) out << r << "\n";
+      lines.clear();
+    };
     std::string line;
     for (int64_t n = 1; std::getline(in, line); ++n) {
       if (line.find_first_not_of(" \t\r") != std::string::npos) lines.emplace_back(n, std::move(line));
+      if (lines.size() == kChunk) flush();
     }
-    // On every core, in order of the input; the first bad line is the error.
-    std::vector<std::string> results(lines.size());
-    parallel_for(lines.size(), static_cast<int>(std::thread::hardware_concurrency()), [&](size_t i) {
-      const std::string where = o.input + ":" + std::to_string(lines[i].first);
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(lines[i].second);
-      } catch (const nlohmann::json::exception& e) {
-        MOLE_FAIL(where, ": not JSON (", e.what(), ")");
-      }
-      MOLE_CHECK(j.is_object(), where, ": not a JSON object");
-      results[i] = tokenize(std::move(j), where);
-    });
-    for (const std::string& r : results) out << r << "\n";
+    flush();
   }
   out.flush();
   MOLE_CHECK(out.good(), "mole tokenize: writing ", o.output.empty() ? "stdout" : "'" + o.output + "'", " failed");

@@ -558,30 +558,30 @@ std::string read_file(const std::string& path, const std::string& what) {
   return bytes;
 }
 
-// tokenizer_config.json's chat_template: a string, or a list of {name, template} (the one named
-// "default", else the first). "" when the file or the key is absent.
-std::string read_chat_template(const std::filesystem::path& config_path) {
+// A model folder's chat template: chat_template.jinja (what newer transformers versions save), else
+// tokenizer_config.json's chat_template, a string or a list of {name, template} (the one named
+// "default", as transformers picks; none: no template). "" when there is none.
+std::string read_chat_template(const std::filesystem::path& folder) {
+  const std::filesystem::path jinja = folder / "chat_template.jinja";
+  if (std::filesystem::is_regular_file(jinja)) return read_file(jinja.string(), "chat_template.jinja");
+  const std::filesystem::path config_path = folder / "tokenizer_config.json";
   if (!std::filesystem::is_regular_file(config_path)) return {};
-  nlohmann::json config;
   try {
-    config = nlohmann::json::parse(read_file(config_path.string(), "tokenizer_config.json"));
-  } catch (const nlohmann::json::exception& e) {
-    MOLE_FAIL("'", config_path.string(), "' is not valid JSON: ", e.what());
-  }
-  if (!config.is_object() || !config.contains("chat_template")) return {};
-  const nlohmann::json& t = config.at("chat_template");
-  if (t.is_string()) return t.get<std::string>();
-  if (t.is_array()) {
-    std::string first;
-    for (const nlohmann::json& item : t) {
-      if (!item.is_object() || !item.contains("template") || !item.at("template").is_string()) continue;
-      if (first.empty()) first = item.at("template").get<std::string>();
-      if (item.value("name", "") == "default") return item.at("template").get<std::string>();
+    const nlohmann::json config = nlohmann::json::parse(read_file(config_path.string(), "tokenizer_config.json"));
+    if (!config.is_object() || !config.contains("chat_template")) return {};
+    const nlohmann::json& t = config.at("chat_template");
+    if (t.is_string()) return t.get<std::string>();
+    if (t.is_array()) {
+      for (const nlohmann::json& item : t) {
+        if (item.is_object() && item.contains("name") && item.at("name") == "default") return item.at("template").get<std::string>();
+      }
+      return {};
     }
-    return first;
+    MOLE_CHECK(t.is_null(), "'", config_path.string(), "': chat_template must be a string or a list of "
+               "{name, template}, got ", t.type_name());
+  } catch (const nlohmann::json::exception& e) {
+    MOLE_FAIL("'", config_path.string(), "': ", e.what());
   }
-  MOLE_CHECK(t.is_null(), "'", config_path.string(), "': chat_template must be a string or a list of "
-             "{name, template}, got ", t.type_name());
   return {};
 }
 
@@ -594,7 +594,7 @@ std::unique_ptr<Tokenizer> make_tokenizer(const std::string& spec) {
   namespace fs = std::filesystem;
   if (spec != "byte") {
     const fs::path folder = fs::is_directory(spec) ? fs::path(spec) : fs::path(spec).parent_path();
-    tokenizer->set_chat_template(read_chat_template(folder / "tokenizer_config.json"));
+    tokenizer->set_chat_template(read_chat_template(folder));
   }
   return tokenizer;
 }
@@ -638,26 +638,29 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& spec) {
 std::map<std::string, std::string> tokenizer_files(const std::string& spec) {
   if (spec == "byte") return {{kByteConfig, byte_tokenizer_config()}};
   namespace fs = std::filesystem;
-  // A tokenizer.json travels with the tokenizer_config.json beside it (bos, eos, pad).
-  const auto with_config = [](const fs::path& json_path) {
-    std::map<std::string, std::string> files{{"tokenizer.json", read_file(json_path.string(), "tokenizer.json")}};
-    const fs::path config = json_path.parent_path() / "tokenizer_config.json";
-    if (fs::is_regular_file(config)) files["tokenizer_config.json"] = read_file(config.string(), "tokenizer_config.json");
+  // The tokenizer file travels with what lies beside it: tokenizer_config.json (bos, eos, pad,
+  // chat template) and chat_template.jinja.
+  const auto with_beside = [](const fs::path& file) {
+    std::map<std::string, std::string> files{{file.filename().string(), read_file(file.string(), file.filename().string())}};
+    for (const char* name : {"tokenizer_config.json", "chat_template.jinja"}) {
+      const fs::path beside = file.parent_path() / name;
+      if (fs::is_regular_file(beside)) files[name] = read_file(beside.string(), name);
+    }
     return files;
   };
   if (fs::is_directory(spec)) {
-    if (fs::is_regular_file(fs::path(spec) / "tokenizer.json")) return with_config(fs::path(spec) / "tokenizer.json");
-    const std::string model = (fs::path(spec) / "tokenizer.model").string();
-    if (fs::is_regular_file(model)) {
-      std::map<std::string, std::string> files{{"tokenizer.model", read_file(model, "tokenizer.model")}};
-      const fs::path config = fs::path(spec) / "tokenizer_config.json";
-      if (fs::is_regular_file(config)) files["tokenizer_config.json"] = read_file(config.string(), "tokenizer_config.json");
-      return files;
-    }
+    if (fs::is_regular_file(fs::path(spec) / "tokenizer.json")) return with_beside(fs::path(spec) / "tokenizer.json");
+    if (fs::is_regular_file(fs::path(spec) / "tokenizer.model")) return with_beside(fs::path(spec) / "tokenizer.model");
     return {{kByteConfig, read_file((fs::path(spec) / kByteConfig).string(), "tokenizer_config.json")}};
   }
-  if (fs::path(spec).extension() == ".json") return with_config(fs::path(spec));
-  return {{"tokenizer.model", read_file(spec, "tokenizer.model")}};
+  std::map<std::string, std::string> files = with_beside(fs::path(spec));
+  // A file named otherwise is stored under the name a folder is read by.
+  const std::string name = fs::path(spec).extension() == ".json" ? "tokenizer.json" : "tokenizer.model";
+  if (!files.count(name)) {
+    files[name] = std::move(files.at(fs::path(spec).filename().string()));
+    files.erase(fs::path(spec).filename().string());
+  }
+  return files;
 }
 
 }  // namespace mole::launch

@@ -39,7 +39,7 @@ std::vector<ChatMessage> messages_of(const nlohmann::json& conversation) {
 // The tokenizer whose special tokens a family writes: LLaMA-3's for llama3; LLaMA-2's (<s>, </s>,
 // [INST] as text) for llama2 and mistral. ChatML's <|im_start|> is in neither: checked as text.
 std::string tokenizer_for(const std::string& family) {
-  if (family == "llama3") return kFixtures + "/llama3";
+  if (family == "llama3" || family == "llama3.1") return kFixtures + "/llama3";
   if (family == "llama2" || family == "mistral") return kFixtures + "/llama2";
   return "";
 }
@@ -53,7 +53,7 @@ TEST(Chat, RenderingEqualsTheOfficialTemplates) {
   const nlohmann::json reference = read_json(kFixtures + "/chat/chat_reference.json").at("families");
   ASSERT_GE(conversations.size(), 10u);
   const std::pair<const char*, const char*> templates[] = {
-      {"llama3", "llama3"}, {"chatml", "chatml"}, {"chatml_qwen2", "chatml"}, {"mistral", "mistral"}, {"llama2", "llama2"}};
+      {"llama3", "llama3"}, {"llama3.1", "llama3.1"}, {"chatml", "chatml"}, {"chatml_qwen2", "chatml"}, {"mistral", "mistral"}, {"llama2", "llama2"}};
   for (const auto& [name, family_name] : templates) {
     SCOPED_TRACE(name);
     const std::string family = family_name;
@@ -107,7 +107,7 @@ TEST(Chat, RenderingEqualsTheOfficialTemplates) {
         }
       }
       flush();
-      const std::string end = family == "llama3" ? "<|eot_id|>" : eos;
+      const std::string end = family.rfind("llama3", 0) == 0 ? "<|eot_id|>" : eos;
       for (const ChatMessage& m : messages) {
         if (m.role != "assistant") continue;
         std::string content = m.content;
@@ -199,7 +199,7 @@ TEST(Chat, TemplateIsTheTokenizersUnlessNamed) {
   expect_all(test::error_of([&] { resolve_chat_template("vicuna", *llama3); }), {"data.template 'vicuna'", "llama2"});
   const std::unique_ptr<Tokenizer> byte = make_tokenizer("byte");
   expect_all(test::error_of([&] { resolve_chat_template("auto", *byte); }),
-             {"no chat template", "data.template", "llama3, chatml, mistral, llama2"});
+             {"no chat template", "data.template", "llama3, llama3.1, chatml, mistral, llama2"});
   // A folder whose tokenizer_config.json carries a template mole does not know, or a list of them.
   test::TempDir dir;
   test::write_bytes(dir.file("tokenizer.json"), test::read_bytes(kFixtures + "/llama2/tokenizer.json"));
@@ -211,6 +211,22 @@ TEST(Chat, TemplateIsTheTokenizersUnlessNamed) {
                     R"({"chat_template": [{"name": "tool_use", "template": "x"},)"
                     R"( {"name": "default", "template": "{{ '[INST] ' }}"}]})");
   EXPECT_EQ(resolve_chat_template("auto", *make_tokenizer(dir.path())).family, "mistral");
+  // Without one named "default" there is none (as transformers decides).
+  test::write_bytes(dir.file("tokenizer_config.json"), R"({"chat_template": [{"name": "tool_use", "template": "x"}]})");
+  expect_all(test::error_of([&] { resolve_chat_template("auto", *make_tokenizer(dir.path())); }), {"no chat template"});
+  // chat_template.jinja (newer transformers) is read first, and travels with the tokenizer.
+  test::write_bytes(dir.file("chat_template.jinja"), test::read_bytes(kFixtures + "/chat/templates/llama2.jinja"));
+  EXPECT_EQ(resolve_chat_template("auto", *make_tokenizer(dir.path())).family, "llama2");
+  EXPECT_TRUE(tokenizer_files(dir.path()).count("chat_template.jinja"));
+  // Relatives that render differently are not taken for a family.
+  EXPECT_EQ(recognise_chat_template(test::read_bytes(kFixtures + "/chat/templates/mistral_v0.2.jinja")), "");
+  EXPECT_EQ(recognise_chat_template(test::read_bytes(kFixtures + "/chat/templates/qwen3.jinja")), "");
+  // A default system message is read as Jinja reads its string literal (escapes, braces).
+  const std::unique_ptr<Tokenizer> math = make_tokenizer("byte");
+  math->set_chat_template(
+      R"({%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\nPut the answer in \\boxed{}; it\'s short.<|im_end|>\n' }})"
+      R"({%- endif %}{%- for message in messages %}{{- '<|im_start|>' + message.role + '\n' }}{%- endfor %})");
+  EXPECT_EQ(resolve_chat_template("auto", *math).default_system, "Put the answer in \\boxed{}; it's short.");
   // The byte tokenizer with a named template that writes only BOS and EOS as special tokens.
   const JsonlFile file({conversation("a", "b")});
   DataOptions o;

@@ -185,6 +185,13 @@ TEST(HfTokenizer, TokenizeCommandMatchesTheLibrary) {
   r = test::run_command(mole + " --input " + dir.file("bad_ids.jsonl") + " --decode");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("id 99999 is outside the vocabulary"), std::string::npos) << r.output;
+  // Byte-tokenizer ids that end inside a UTF-8 character (0xE2 alone) cannot be written as JSON
+  // text: the error names the line.
+  test::write_bytes(dir.file("cut.jsonl"), "{\"ids\": [75]}\n{\"ids\": [229]}\n");
+  r = test::run_command(std::string(MOLE_BINARY) + " tokenize --tokenizer byte --input " + dir.file("cut.jsonl") +
+                        " --decode");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find(dir.file("cut.jsonl") + ":2: "), std::string::npos) << r.output;
 }
 
 }  // namespace

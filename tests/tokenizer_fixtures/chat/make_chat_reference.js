@@ -22,7 +22,7 @@ const JINJA_VERSION = '0.5.11';
 const here = __dirname;
 
 // key -> template file and special tokens. The first four are the families mole renders;
-// the last two are older siblings kept for comparison.
+// the next two are older siblings kept for comparison; the last two are newer models.
 const families = {
   // meta-llama/Meta-Llama-3-8B-Instruct (Llama 3.0). The template does not use eos_token.
   llama3: { file: 'llama3.jinja', bos_token: '<|begin_of_text|>', eos_token: '<|end_of_text|>' },
@@ -36,6 +36,14 @@ const families = {
   chatml_qwen2: { file: 'chatml_qwen2.jinja', bos_token: '', eos_token: '<|im_end|>' },
   // mistralai/Mistral-7B-Instruct-v0.2 ("v1" tokenizer template).
   mistral_v02: { file: 'mistral_v0.2.jinja', bos_token: '<s>', eos_token: '</s>' },
+  // meta-llama/Llama-3.1-8B-Instruct. The template does not use eos_token; <|eot_id|> is
+  // the end-of-turn token (not checked against the model's tokenizer_config.json here).
+  'llama3.1': { file: 'llama3.1.jinja', bos_token: '<|begin_of_text|>', eos_token: '<|eot_id|>' },
+  // Qwen/Qwen3-0.6B (Qwen3 hybrid-thinking template as of May 2025). No BOS token; the
+  // template uses neither token. This engine ignores the argument of str.lstrip/strip, so
+  // where the last assistant message starts with spaces the output differs from Python
+  // Jinja2 (see templates/SOURCES.md).
+  qwen3: { file: 'qwen3.jinja', bos_token: '', eos_token: '<|im_end|>' },
 };
 
 // The package's "exports" hide package.json, so find it from the resolved entry point.
