@@ -64,8 +64,13 @@ TEST(ModelPresets, ShapesGiveThePublishedParameterCounts) {
     });
     EXPECT_EQ(moe::matmul_parameters(config), matmul) << name;
   }
-  EXPECT_NE(test::error_of([] { moe::model_preset("llama-9"); }).find("known: tiny, tinyllama"),
+  EXPECT_NE(test::error_of([] { moe::model_preset("llama-9"); }).find("known: tiny, tiny-llama3, tinyllama"),
             std::string::npos);
+  // tiny-llama3: LLaMA-3-8B's vocabulary, GQA ratio (4 query heads per KV head) and RoPE base.
+  const moe::ModelConfig tiny = moe::model_preset("tiny-llama3"), big = moe::model_preset("llama-3-8b");
+  EXPECT_EQ(tiny.vocab_size, big.vocab_size);
+  EXPECT_EQ(tiny.num_heads / tiny.num_kv_heads, big.num_heads / big.num_kv_heads);
+  EXPECT_EQ(tiny.rope.theta, big.rope.theta);
 }
 
 // The adapter `mole train` builds for these keys on the tiny preset: its trainable count.
@@ -116,7 +121,7 @@ TEST(BenchCli, TrainReportsWholeStepsOfTheRequestedModel) {
 
 TEST(BenchCli, TrainRefusesBadOptions) {
   const std::pair<std::string, std::string> cases[] = {
-      {"--shape llama-9", "unknown model shape 'llama-9' (known: tiny, tinyllama, llama-2-7b"},
+      {"--shape llama-9", "unknown model shape 'llama-9' (known: tiny, tiny-llama3, tinyllama, llama-2-7b"},
       {"--shape tiny --dtype bf16", "--dtype bf16 is for --device cuda"},
       {"--shape tiny --seq 4096", "--seq 4096 exceeds the tiny context of 1024"},
       {"--shape tiny --batch 0", "need --batch > 0"},
