@@ -28,15 +28,15 @@
 #include "parallel/sharded_base_weights.h"
 
 namespace mole::launch {
-namespace {
 
-// GPU ranks bind to their node-local device: local rank modulo the GPUs this process sees.
 at::Device model_device(const Config& c) {
   if (c.model.device != "cuda") return at::Device(at::kCPU);
   const int gpus = at::detail::getCUDAHooks().getNumGPUs();
   const int local = dist::detect_rank_info().local_rank;
   return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(gpus > 0 ? local % gpus : 0));
 }
+
+namespace {
 
 // Options that the current build cannot honour yet are errors, not silent no-ops.
 void check_supported(const Config& c) {

@@ -73,6 +73,10 @@ moe::AdapterSpec adapter_spec(const Config& c, int64_t num_layers);
 // The model's dtype and device from `c.model` (GPU ranks bind to their node-local device).
 at::TensorOptions model_options(const Config& c);
 
+// The device this rank trains on: the CPU, or for model.device cuda its node-local GPU (local
+// rank modulo the GPUs this process sees).
+at::Device model_device(const Config& c);
+
 // The bytes of `model`'s frozen base tensors this rank keeps between uses (its shard under
 // parallel.base_shard).
 int64_t base_bytes(const moe::CausalLM& model);

@@ -38,6 +38,19 @@ double compare_with_one_rank(const test::TempDir& dir, const std::string& dtype,
     const std::string out = dir.file(backend + "-" + dtype + "-np" + std::to_string(np));
     EXPECT_EQ(run(mpirun(np) + test::demo_train_args(out, 8 / np) + extra, dir.file("log")), 0)
         << test::read_bytes(dir.file("log"));
+    // Every rank said where it runs, with the backend chosen.
+    const std::string log = test::read_bytes(dir.file("log"));
+    for (int r = 0; r < np; ++r) {
+      const std::string said = "rank " + std::to_string(r) + " of " + std::to_string(np) + " on host ";
+      const size_t at = log.find(said);
+      EXPECT_NE(at, std::string::npos) << log;
+      if (at == std::string::npos) continue;
+      const std::string line = log.substr(at, log.find('\n', at) - at);
+      EXPECT_NE(line.find("(local rank " + std::to_string(r) + " of " + std::to_string(np) + "), device cpu, " +
+                          backend + " backend"),
+                std::string::npos)
+          << line;
+    }
     // float64: exact up to summation order; float32: see expect_same_steps_fp32.
     if (dtype == "fp64") test::expect_same_steps(ref_dir, out);
     else test::expect_same_steps_fp32(ref_dir, out);
