@@ -19,6 +19,8 @@ PACKAGES=(
   libgtest-dev
   nlohmann-json3-dev libyaml-cpp-dev libcli11-dev
   zlib1g-dev libicu-dev
+  # for the tests: hosts as network namespaces, a SLURM cluster on this machine
+  iproute2 slurm-wlm munge
 )
 
 missing=()

@@ -25,6 +25,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <utility>
 #include <vector>
@@ -145,6 +146,18 @@ gloo::transport::tcp::attr device_attr() {
   return attr;
 }
 
+// The address a device takes connections on, from Gloo's description ("..., addr=[a.b.c.d]").
+std::string address_of(const gloo::transport::Device& device) {
+  const std::string text = device.str();
+  const size_t at = text.find("addr=");
+  return at == std::string::npos ? text : text.substr(at + 5);
+}
+
+bool is_loopback(const std::string& address) {
+  const std::string bare = !address.empty() && address[0] == '[' ? address.substr(1) : address;
+  return bare.rfind("127.", 0) == 0 || bare.rfind("::1]", 0) == 0 || bare == "::1";
+}
+
 std::string describe_attr(const gloo::transport::tcp::attr& attr) {
   return attr.iface.empty() ? "host name '" + attr.hostname + "'"
                             : "interface '" + attr.iface + "' (GLOO_SOCKET_IFNAME)";
@@ -165,6 +178,10 @@ std::shared_ptr<gloo::Context> connect_mesh(int rank, int size, Communicator& ov
     context->connectFullMesh(store, device);
   } catch (const std::exception& e) {
     error = e.what();
+    // Said at once: the sync below waits for peers that may still be trying to connect.
+    std::fprintf(stderr, "mole: %s on host '%s': Gloo rendezvous failed: %s\n", where.c_str(),
+                 host_name().c_str(), error.c_str());
+    std::fflush(stderr);
   }
   // Sync point: nobody returns before every rank has connected. connectFullMesh connects its
   // pairs one by one, and a pair that a peer already closed fails its connect: without this, a
@@ -261,14 +278,40 @@ std::unique_ptr<GlooCommunicator> GlooCommunicator::create(Communicator& bootstr
   } catch (const std::exception& e) {
     device_error = e.what();
   }
-  // Sync point: a rank that cannot open its device fails every rank here, rather than leaving
-  // the others waiting in the rendezvous until the bootstrap's timeout.
-  at::Tensor failed = at::full({1}, device_error.empty() ? 0 : 1, at::kLong);
-  bootstrap.all_reduce(failed, ReduceOp::kMax)->wait();
+  // Sync point: a rank that cannot open its device, or that would listen on a loopback address
+  // while the job spans hosts, fails every rank here, rather than leaving the others waiting in
+  // the rendezvous until the bootstrap's timeout. Per rank: device failed, loopback, host.
+  const std::string address = state->device ? address_of(*state->device) : std::string();
+  const std::string host = host_name();
+  at::Tensor mine = at::tensor({static_cast<int64_t>(device_error.empty() ? 0 : 1),
+                                static_cast<int64_t>(is_loopback(address) ? 1 : 0),
+                                static_cast<int64_t>(std::hash<std::string>()(host) >> 1)},
+                               at::kLong);
+  at::Tensor all = at::empty({3 * bootstrap.size()}, at::kLong);
+  bootstrap.all_gather(mine, all)->wait();
   MOLE_CHECK(device_error.empty(), where, ": cannot open a Gloo TCP device on ",
              describe_attr(attr), ": ", device_error);
-  MOLE_CHECK(failed.item<int64_t>() == 0, where,
-             ": another rank could not open its Gloo TCP device");
+  const int64_t* rank_of = all.data_ptr<int64_t>();
+  int first_failed = -1, first_loopback = -1;
+  bool several_hosts = false;
+  for (int p = 0; p < bootstrap.size(); ++p) {
+    if (rank_of[3 * p] != 0 && first_failed < 0) first_failed = p;
+    if (rank_of[3 * p + 1] != 0 && first_loopback < 0) first_loopback = p;
+    several_hosts = several_hosts || rank_of[3 * p + 2] != rank_of[2];
+  }
+  MOLE_CHECK(first_failed < 0, where, ": rank ", first_failed,
+             " could not open its Gloo TCP device (see its message)");
+  if (several_hosts && first_loopback >= 0) {
+    MOLE_CHECK(first_loopback != bootstrap.rank(), where, " on host '", host,
+               "': Gloo would take connections on ", address, " (", describe_attr(attr),
+               "), a loopback address, but the job spans several hosts, whose ranks cannot "
+               "connect to it. Set GLOO_SOCKET_IFNAME to the interface of the network between the "
+               "hosts, or make the host name resolve to its address there (Debian's /etc/hosts "
+               "maps a host's own name to 127.0.1.1)");
+    MOLE_FAIL(where, ": rank ", first_loopback,
+              " would take Gloo connections on a loopback address while the job spans several "
+              "hosts (see its message); set GLOO_SOCKET_IFNAME");
+  }
   state->context = connect_mesh(bootstrap.rank(), bootstrap.size(), bootstrap,
                                 std::vector<bool>(static_cast<size_t>(bootstrap.size()), true),
                                 state->device, timeout_s, where);

@@ -11,6 +11,7 @@
 #include <string>
 #include <thread>
 
+#include "dist/runtime.h"
 #include "kernels/check.h"
 #include "launch/bench_command.h"
 #include "launch/export_command.h"
@@ -68,11 +69,14 @@ int main(int argc, char** argv) {
     spdlog::set_default_logger(spdlog::stdout_color_mt("mole", spdlog::color_mode::never));
   }
   spdlog::set_level(verbose ? spdlog::level::debug : spdlog::level::info);
-  // OpenMP may start with one thread on some machines; use every core unless told otherwise.
-  if (!std::getenv("OMP_NUM_THREADS")) {
-    at::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
-  }
   try {
+    // OpenMP may start with one thread on some machines: unless told otherwise, the ranks on a
+    // node share its cores (the launcher's node-local rank count; 1 without a launcher).
+    if (!std::getenv("OMP_NUM_THREADS")) {
+      const int ranks_here = std::max(1, mole::dist::detect_rank_info().local_world);
+      const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+      at::set_num_threads(std::max(1, cores / ranks_here));
+    }
     if (app.got_subcommand("train")) return mole::launch::run_train(train);
     if (app.got_subcommand("forward")) mole::launch::run_forward(forward);
     if (app.got_subcommand("export")) mole::launch::run_export(export_options);

@@ -14,6 +14,7 @@
 #include "dist/backend.h"
 #include "dist/communicator.h"
 #include "dist/runtime.h"
+#include "dist/startup_deadline.h"
 #include "kernels/check.h"
 #include "launch/metrics_sink.h"
 #include "launch/checkpointing.h"
@@ -41,14 +42,18 @@ struct DistributedRun {
   std::shared_ptr<parallel::ProcessGrid> grid;
 };
 
-// Collective over every rank: the world communicator, the config check, the grid.
-void build_grid(DistributedRun& run, const Config& config) {
+// Collective over every rank: the world communicator, the config check, the grid. `deadline`
+// is told each phase, for the message of a start-up that hangs.
+void build_grid(DistributedRun& run, const Config& config, dist::StartupDeadline& deadline) {
+  deadline.phase("creating the world communicator (parallel.backend " + config.parallel.backend +
+                 "; with Gloo: the address exchange and a TCP connection to every rank)");
   dist::WorldCommunicator made = dist::make_world_communicator(
       config.parallel.backend, *run.runtime, config.model.device == "cuda",
       run.runtime->rank_info().local_rank, config.parallel.timeout_s);
   run.bootstrap = made.bootstrap;
   std::shared_ptr<dist::Communicator> world = made.comm;
   // Every rank must train the same thing: compare a digest of the resolved config.
+  deadline.phase("comparing the config digest over every rank");
   const uint64_t digest = config_digest(config);
   at::Tensor mine =
       at::tensor({static_cast<int64_t>(digest >> 1)}, at::kLong).to(world->tensor_device());
@@ -61,6 +66,7 @@ void build_grid(DistributedRun& run, const Config& config) {
   const parallel::ParallelSizes sizes{world->size(), static_cast<int>(config.parallel.ep),
                                       static_cast<int>(config.parallel.zero),
                                       static_cast<int>(config.parallel.base_shard)};
+  deadline.phase("creating the process grid's communicators");
   run.grid = std::make_shared<parallel::ProcessGrid>(sizes, world);  // validates the sizes
   // Checked before any model is loaded (the same on every rank: the configs agree); per-layer
   // counts are checked again per site.
@@ -84,12 +90,22 @@ void build_grid(DistributedRun& run, const Config& config) {
 int run_train(const TrainOptions& options) {
   Config config = load_config(options.config_path, options.overrides);
   DistributedRun distributed;
-  if (dist::detect_rank_info().world > 1) distributed.runtime = std::make_unique<dist::MpiRuntime>();
+  // Start-up blocks in calls without timeouts of their own (MPI_Init, communicator creation):
+  // parallel.timeout_s bounds all of it, and a rank still starting then ends with a message.
+  std::unique_ptr<dist::StartupDeadline> deadline;
+  if (dist::detect_rank_info().world > 1) {
+    deadline = std::make_unique<dist::StartupDeadline>(config.parallel.timeout_s, "parallel.timeout_s");
+    deadline->phase("in MPI_Init and the node-local communicator");
+    distributed.runtime = std::make_unique<dist::MpiRuntime>();
+  }
   const int rank = distributed.runtime ? distributed.runtime->rank_info().rank : 0;
   install_stop_signals();
   std::unique_ptr<Trainer> trainer;
   try {
-    if (distributed.runtime) build_grid(distributed, config);
+    if (distributed.runtime) {
+      build_grid(distributed, config, *deadline);
+      deadline->done();
+    }
     // A run that continues from its checkpoint owns its folder already.
     if (checkpoint_to_resume(config).empty()) claim_run_folder(config, rank == 0);
     // Kept past the catch below: a failing rank reports and aborts the job before anything of the

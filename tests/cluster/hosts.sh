@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Hosts on one machine for multi-host tests: each "host" is a network namespace with its own
+# address (198.18.0.0/15, the benchmarking range), its own host name (a UTS namespace) and its
+# own /etc/hosts, joined to the others by veth pairs on one bridge. Open MPI reaches them with an
+# rsh agent script that enters the host's namespaces, as ssh would log in to a real host.
+#
+#   hosts.sh up DIR PREFIX N   make hosts node1..nodeN (namespaces PREFIX-node1.., bridge PREFIX-br)
+#                              and write into DIR: hostfile, agent (the rsh agent), on (run a
+#                              command on a host: DIR/on node1 CMD...)
+#   hosts.sh down PREFIX       remove everything `up` made (also after a partial `up`)
+#   hosts.sh cut PREFIX HOST   take HOST's link down (its end on the bridge)
+#   hosts.sh loopback-name PREFIX HOST
+#                              make HOST's own name resolve to 127.0.1.1, as Debian's installer
+#                              writes /etc/hosts
+#
+# The agent and `on` set the host name; with SHARED_HOSTNAME=1 in their environment they leave
+# the machine's own name instead (every host then has the same name). The agent answers a host it
+# does not know as ssh does: "Could not resolve hostname", status 255.
+# `up` exits with 77 when this machine does not allow network namespaces (not root, or namespaces
+# forbidden), and with 1 for any other failure. PREFIX must be at most 9 characters (interface
+# names are limited to 15).
+set -euo pipefail
+
+die() { echo "hosts.sh: $*" >&2; exit 1; }
+
+cmd=${1:-}
+case "$cmd" in
+  up)
+    [ $# -eq 4 ] || die "usage: hosts.sh up DIR PREFIX N"
+    dir=$2 prefix=$3 n=$4
+    [ ${#prefix} -le 9 ] || die "prefix '$prefix' is longer than 9 characters"
+    if [ "$(id -u)" -ne 0 ]; then
+      echo "hosts.sh: network namespaces need root (running as uid $(id -u))" >&2
+      exit 77
+    fi
+    command -v ip > /dev/null || die "'ip' not found: install iproute2"
+    command -v unshare > /dev/null || die "'unshare' not found: install util-linux"
+    if ! err=$(unshare --net --uts true 2>&1); then
+      echo "hosts.sh: this machine forbids network/UTS namespaces: $err" >&2
+      exit 77
+    fi
+    mkdir -p "$dir"
+    ip link add "$prefix-br" type bridge
+    ip link set "$prefix-br" up
+    hosts="127.0.0.1 localhost"$'\n'
+    for i in $(seq 1 "$n"); do hosts+="198.18.0.$i node$i"$'\n'; done
+    : > "$dir/hostfile"
+    for i in $(seq 1 "$n"); do
+      ns=$prefix-node$i
+      ip netns add "$ns"
+      ip link add "$ns" type veth peer name eth0 netns "$ns"
+      ip link set "$ns" master "$prefix-br" up
+      ip -n "$ns" addr add "198.18.0.$i/24" dev eth0
+      ip -n "$ns" link set eth0 up
+      ip -n "$ns" link set lo up
+      # TCP gives up on a connection after ~13 s of unanswered retransmissions (Linux's default,
+      # 15, takes ~15 min): Open MPI's launcher learns of a lost host when its connection to
+      # the host's daemon fails.
+      ip netns exec "$ns" sh -c 'echo 5 > /proc/sys/net/ipv4/tcp_retries2'
+      # `ip netns exec` mounts /etc/netns/NS/hosts over /etc/hosts inside the namespace.
+      mkdir -p "/etc/netns/$ns"
+      printf '%s' "$hosts" > "/etc/netns/$ns/hosts"
+      echo "node$i slots=2" >> "$dir/hostfile"
+    done
+    cat > "$dir/on" <<EOF
+#!/bin/sh
+# on HOST CMD...: runs CMD on HOST (inside its namespaces, with its host name).
+host=\$1; shift
+[ -d "/etc/netns/$prefix-\$host" ] || { echo "on: no host '\$host'" >&2; exit 1; }
+name=\$host; [ "\${SHARED_HOSTNAME:-0}" = 1 ] && name=\$(hostname)
+exec ip netns exec "$prefix-\$host" unshare --uts sh -c 'hostname "\$0"; exec "\$@"' "\$name" "\$@"
+EOF
+    cat > "$dir/agent" <<EOF
+#!/bin/sh
+# rsh agent for Open MPI (plm_rsh_agent): \$1 is the host, the rest the command line that a
+# remote shell would run there.
+host=\$1; shift
+if [ ! -d "/etc/netns/$prefix-\$host" ]; then
+  echo "ssh: Could not resolve hostname \$host: Name or service not known" >&2
+  exit 255
+fi
+name=\$host; [ "\${SHARED_HOSTNAME:-0}" = 1 ] && name=\$(hostname)
+exec ip netns exec "$prefix-\$host" unshare --uts sh -c "hostname \$name; \$*"
+EOF
+    chmod +x "$dir/on" "$dir/agent"
+    ;;
+  down)
+    [ $# -eq 2 ] || die "usage: hosts.sh down PREFIX"
+    prefix=$2
+    for ns in $(ip netns list | awk '{print $1}' | grep "^$prefix-node" || true); do
+      # Whatever still runs in a host goes with it.
+      for pid in $(ip netns pids "$ns" 2> /dev/null); do kill -9 "$pid" 2> /dev/null || true; done
+      ip link del "$ns" 2> /dev/null || true
+      ip netns del "$ns"
+      rm -rf "/etc/netns/$ns"
+    done
+    ip link del "$prefix-br" 2> /dev/null || true
+    ;;
+  cut)
+    [ $# -eq 3 ] || die "usage: hosts.sh cut PREFIX HOST"
+    ip link set "$2-$3" down
+    ;;
+  loopback-name)
+    [ $# -eq 3 ] || die "usage: hosts.sh loopback-name PREFIX HOST"
+    f=/etc/netns/$2-$3/hosts
+    [ -f "$f" ] || die "no host '$3'"
+    { echo "127.0.1.1 $3"; grep -v " $3\$" "$f"; } > "$f.new"
+    mv "$f.new" "$f"
+    ;;
+  *)
+    die "usage: hosts.sh up|down|cut|loopback-name ..."
+    ;;
+esac
