@@ -249,6 +249,27 @@ TEST_F(MultiHost, MissingNetworkInterfaceIsAClearError) {
   EXPECT_TRUE(contains(log, "ib7")) << log;
 }
 
+// Gloo bound to an interface the other hosts cannot reach (data0 leads nowhere): the ranks that
+// try to connect name the address they tried, and start-up ends on every rank within
+// parallel.timeout_s.
+#ifdef MOLE_HAVE_GLOO
+TEST_F(MultiHost, UnreachablePeerIsNamedAndStartUpEnds) {
+  int status = 0;
+  const auto from = std::chrono::steady_clock::now();
+  const std::string log = train_on_hosts("gloo-unreachable",
+                                         " --set parallel.backend=gloo --set parallel.timeout_s=15",
+                                         &status, "--mca btl tcp,vader,self -x GLOO_SOCKET_IFNAME=data0");
+  RecordProperty("seconds", std::to_string(std::chrono::duration<double>(
+                                               std::chrono::steady_clock::now() - from).count()));
+  EXPECT_NE(status, 0) << log;
+  EXPECT_TRUE(contains(log, "Gloo rendezvous failed: ") && contains(log, "connect [198.19.0."))
+      << log;
+  EXPECT_TRUE(contains(log, "start-up did not finish within 15 s (parallel.timeout_s) while "
+                            "creating the world communicator"))
+      << log;
+}
+#endif
+
 // Debian's installer maps a host's own name to 127.0.1.1; Gloo, binding the host name's address,
 // would then take connections where no other host can reach: every rank stops at start-up, and
 // the rank concerned names the address.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Hosts on one machine for multi-host tests: each "host" is a network namespace with its own
 # address (198.18.0.0/15, the benchmarking range), its own host name (a UTS namespace) and its
-# own /etc/hosts, joined to the others by veth pairs on one bridge. Open MPI reaches them with an
+# own /etc/hosts, joined to the others by veth pairs on one bridge (eth0, 198.18.0.N). Each also
+# has an interface that leads nowhere (data0, 198.19.0.N). Open MPI reaches them with an
 # rsh agent script that enters the host's namespaces, as ssh would log in to a real host.
 #
 #   hosts.sh up DIR PREFIX N   make hosts node1..nodeN (namespaces PREFIX-node1.., bridge PREFIX-br)
@@ -57,6 +58,12 @@ case "$cmd" in
       # 15, takes ~15 min): Open MPI's launcher learns of a lost host when its connection to
       # the host's daemon fails.
       ip netns exec "$ns" sh -c 'echo 5 > /proc/sys/net/ipv4/tcp_retries2'
+      # A second interface, data0 (198.19.0.N/24), whose other end is on no bridge: an address
+      # that the other hosts cannot reach, as a misconfigured interface choice gives.
+      ip link add "$prefix-d$i" type veth peer name data0 netns "$ns"
+      ip link set "$prefix-d$i" up
+      ip -n "$ns" addr add "198.19.0.$i/24" dev data0
+      ip -n "$ns" link set data0 up
       # `ip netns exec` mounts /etc/netns/NS/hosts over /etc/hosts inside the namespace.
       mkdir -p "/etc/netns/$ns"
       printf '%s' "$hosts" > "/etc/netns/$ns/hosts"
@@ -94,7 +101,11 @@ EOF
       ip netns del "$ns"
       rm -rf "/etc/netns/$ns"
     done
-    ip link del "$prefix-br" 2> /dev/null || true
+    # The bridge and the hosts' ends of their links (a namespace that a process still holds lives
+    # on after `ip netns del`, and so would the links into it).
+    for link in $(ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | grep "^$prefix-" || true); do
+      ip link del "$link" 2> /dev/null || true
+    done
     ;;
   cut)
     [ $# -eq 3 ] || die "usage: hosts.sh cut PREFIX HOST"
