@@ -3,6 +3,8 @@
 #
 #   ./setup.sh                 install dependencies, configure ./build
 #   ./setup.sh --deps-only     install dependencies only
+#   ./setup.sh --tests         also what the tests use: iproute2 (hosts as network namespaces) and
+#                              a SLURM cluster on this machine (slurm-wlm, munge)
 #   BUILD_DIR=dir ./setup.sh   configure another build folder
 #   CMAKE_ARGS="..." ./setup.sh   extra CMake arguments (e.g. -DCMAKE_PREFIX_PATH=... for a CUDA LibTorch)
 set -euo pipefail
@@ -19,9 +21,16 @@ PACKAGES=(
   libgtest-dev
   nlohmann-json3-dev libyaml-cpp-dev libcli11-dev
   zlib1g-dev libicu-dev
-  # for the tests: hosts as network namespaces, a SLURM cluster on this machine
-  iproute2 slurm-wlm munge
 )
+TEST_PACKAGES=(iproute2 slurm-wlm munge)
+deps_only=0
+for arg in "$@"; do
+  case "$arg" in
+    --deps-only) deps_only=1 ;;
+    --tests) PACKAGES+=("${TEST_PACKAGES[@]}") ;;
+    *) echo "setup: unknown option '$arg' (known: --deps-only, --tests)" >&2; exit 2 ;;
+  esac
+done
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -37,7 +46,7 @@ else
   echo "setup: all Debian packages present"
 fi
 
-[ "${1:-}" = "--deps-only" ] && exit 0
+[ "$deps_only" = 1 ] && exit 0
 
 # shellcheck disable=SC2086
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo ${CMAKE_ARGS:-}

@@ -16,6 +16,8 @@
 #include <gloo/rendezvous/context.h>
 #include <gloo/rendezvous/store.h>
 #include <gloo/transport/tcp/device.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,7 +27,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <map>
 #include <utility>
 #include <vector>
@@ -134,6 +135,12 @@ std::string host_name() {
   return name;
 }
 
+// For messages and checks that every rank must reach alike: never throws.
+std::string host_name_or_unknown() {
+  char name[256] = {};
+  return gethostname(name, sizeof(name) - 1) == 0 ? std::string(name) : std::string("?");
+}
+
 // What the TCP device binds to: GLOO_SOCKET_IFNAME's interface, or this host's name.
 gloo::transport::tcp::attr device_attr() {
   gloo::transport::tcp::attr attr;
@@ -146,16 +153,35 @@ gloo::transport::tcp::attr device_attr() {
   return attr;
 }
 
-// The address a device takes connections on, from Gloo's description ("..., addr=[a.b.c.d]").
-std::string address_of(const gloo::transport::Device& device) {
-  const std::string text = device.str();
-  const size_t at = text.find("addr=");
-  return at == std::string::npos ? text : text.substr(at + 5);
+// The address a device made from `attr` takes connections on (Gloo's resolution of the host
+// name or interface): its text and whether it is a loopback address.
+struct ListenAddress {
+  std::string text;
+  bool loopback = false;
+};
+ListenAddress listen_address(const gloo::transport::tcp::attr& attr) {
+  const gloo::transport::tcp::attr resolved = gloo::transport::tcp::CreateDeviceAttr(attr);
+  ListenAddress out;
+  char text[INET6_ADDRSTRLEN] = {};
+  if (resolved.ai_addr.ss_family == AF_INET) {
+    const auto* in = reinterpret_cast<const sockaddr_in*>(&resolved.ai_addr);
+    inet_ntop(AF_INET, &in->sin_addr, text, sizeof text);
+    out.loopback = (ntohl(in->sin_addr.s_addr) >> 24) == IN_LOOPBACKNET;
+  } else if (resolved.ai_addr.ss_family == AF_INET6) {
+    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&resolved.ai_addr);
+    inet_ntop(AF_INET6, &in6->sin6_addr, text, sizeof text);
+    out.loopback = IN6_IS_ADDR_LOOPBACK(&in6->sin6_addr) ||
+                   (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr) && in6->sin6_addr.s6_addr[12] == 127);
+  }
+  out.text = text;
+  return out;
 }
 
-bool is_loopback(const std::string& address) {
-  const std::string bare = !address.empty() && address[0] == '[' ? address.substr(1) : address;
-  return bare.rfind("127.", 0) == 0 || bare.rfind("::1]", 0) == 0 || bare == "::1";
+// FNV-1a: the same value on every host, whatever its C++ library.
+int64_t name_hash(const std::string& name) {
+  uint64_t h = 14695981039346656037ull;
+  for (const unsigned char c : name) h = (h ^ c) * 1099511628211ull;
+  return static_cast<int64_t>(h >> 1);
 }
 
 std::string describe_attr(const gloo::transport::tcp::attr& attr) {
@@ -180,7 +206,7 @@ std::shared_ptr<gloo::Context> connect_mesh(int rank, int size, Communicator& ov
     error = e.what();
     // Said at once: the sync below waits for peers that may still be trying to connect.
     std::fprintf(stderr, "mole: %s on host '%s': Gloo rendezvous failed: %s\n", where.c_str(),
-                 host_name().c_str(), error.c_str());
+                 host_name_or_unknown().c_str(), error.c_str());
     std::fflush(stderr);
   }
   // Sync point: nobody returns before every rank has connected. connectFullMesh connects its
@@ -272,22 +298,29 @@ std::unique_ptr<GlooCommunicator> GlooCommunicator::create(Communicator& bootstr
   auto state = std::make_unique<State>();
   std::string device_error;
   gloo::transport::tcp::attr attr;
+  ListenAddress address;
   try {
     attr = device_attr();
+    address = listen_address(attr);
     state->device = gloo::transport::tcp::CreateDevice(attr);
   } catch (const std::exception& e) {
     device_error = e.what();
   }
   // Sync point: a rank that cannot open its device, or that would listen on a loopback address
   // while the job spans hosts, fails every rank here, rather than leaving the others waiting in
-  // the rendezvous until the bootstrap's timeout. Per rank: device failed, loopback, host.
-  const std::string address = state->device ? address_of(*state->device) : std::string();
-  const std::string host = host_name();
-  at::Tensor mine = at::tensor({static_cast<int64_t>(device_error.empty() ? 0 : 1),
-                                static_cast<int64_t>(is_loopback(address) ? 1 : 0),
-                                static_cast<int64_t>(std::hash<std::string>()(host) >> 1)},
-                               at::kLong);
-  at::Tensor all = at::empty({3 * bootstrap.size()}, at::kLong);
+  // the rendezvous until the bootstrap's timeout. Per rank: device failed, loopback, a hash of
+  // the host name, and "host address" as text (kTextWords words), for every rank's message.
+  constexpr int64_t kTextWords = 32;
+  constexpr int64_t kWords = 3 + kTextWords;
+  const std::string host = host_name_or_unknown();
+  at::Tensor mine = at::zeros({kWords}, at::kLong);
+  int64_t* word = mine.data_ptr<int64_t>();
+  word[0] = device_error.empty() ? 0 : 1;
+  word[1] = address.loopback ? 1 : 0;
+  word[2] = name_hash(host);
+  const std::string text = host + " " + address.text;
+  std::memcpy(word + 3, text.data(), std::min<size_t>(text.size(), kTextWords * 8 - 1));
+  at::Tensor all = at::empty({kWords * bootstrap.size()}, at::kLong);
   bootstrap.all_gather(mine, all)->wait();
   MOLE_CHECK(device_error.empty(), where, ": cannot open a Gloo TCP device on ",
              describe_attr(attr), ": ", device_error);
@@ -295,22 +328,23 @@ std::unique_ptr<GlooCommunicator> GlooCommunicator::create(Communicator& bootstr
   int first_failed = -1, first_loopback = -1;
   bool several_hosts = false;
   for (int p = 0; p < bootstrap.size(); ++p) {
-    if (rank_of[3 * p] != 0 && first_failed < 0) first_failed = p;
-    if (rank_of[3 * p + 1] != 0 && first_loopback < 0) first_loopback = p;
-    several_hosts = several_hosts || rank_of[3 * p + 2] != rank_of[2];
+    const int64_t* r = rank_of + kWords * p;
+    if (r[0] != 0 && first_failed < 0) first_failed = p;
+    if (r[1] != 0 && first_loopback < 0) first_loopback = p;
+    several_hosts = several_hosts || r[2] != rank_of[2];
   }
   MOLE_CHECK(first_failed < 0, where, ": rank ", first_failed,
              " could not open its Gloo TCP device (see its message)");
   if (several_hosts && first_loopback >= 0) {
-    MOLE_CHECK(first_loopback != bootstrap.rank(), where, " on host '", host,
-               "': Gloo would take connections on ", address, " (", describe_attr(attr),
-               "), a loopback address, but the job spans several hosts, whose ranks cannot "
-               "connect to it. Set GLOO_SOCKET_IFNAME to the interface of the network between the "
-               "hosts, or make the host name resolve to its address there (Debian's /etc/hosts "
-               "maps a host's own name to 127.0.1.1)");
-    MOLE_FAIL(where, ": rank ", first_loopback,
-              " would take Gloo connections on a loopback address while the job spans several "
-              "hosts (see its message); set GLOO_SOCKET_IFNAME");
+    const char* chars = reinterpret_cast<const char*>(rank_of + kWords * first_loopback + 3);
+    const std::string theirs(chars, strnlen(chars, kTextWords * 8));
+    const size_t space = theirs.find(' ');
+    MOLE_FAIL(where, ": rank ", first_loopback, " (host '", theirs.substr(0, space),
+              "') would take Gloo connections on ", theirs.substr(space + 1),
+              ", a loopback address, but the job spans several hosts, whose ranks cannot connect "
+              "to it. Set GLOO_SOCKET_IFNAME to the interface of the network between the hosts, "
+              "or make the host name resolve to its address there (Debian's /etc/hosts maps a "
+              "host's own name to 127.0.1.1)");
   }
   state->context = connect_mesh(bootstrap.rank(), bootstrap.size(), bootstrap,
                                 std::vector<bool>(static_cast<size_t>(bootstrap.size()), true),

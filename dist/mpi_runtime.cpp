@@ -76,14 +76,15 @@ MpiRuntime::~MpiRuntime() {
 }
 
 void MpiRuntime::abort(int code) const {
-  std::fflush(stdout);
-  std::fflush(stderr);
   // MPI_Abort asks the launcher to end the job; with the network to it gone (a cut link, a dead
-  // node) that request can wait forever. This rank ends within 10 s regardless.
+  // node) that request can wait forever, and so can a flush into a full pipe. This rank ends
+  // within 10 s regardless.
   std::thread([code] {
     std::this_thread::sleep_for(std::chrono::seconds(10));
     std::_Exit(code);
   }).detach();
+  std::fflush(stdout);
+  std::fflush(stderr);
   MPI_Abort(MPI_COMM_WORLD, code);
   std::abort();  // MPI_Abort does not return; this keeps [[noreturn]] honest if it ever did.
 }

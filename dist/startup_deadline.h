@@ -16,7 +16,9 @@ class StartupDeadline {
   // Starts watching: unless done() is called within `timeout_s` seconds, a watcher thread prints
   // "mole: rank R of W on host H (pid P): start-up did not finish within T s (`setting`) while
   // <phase>" and the causes met in practice to stderr, and ends the process with status 1 (the
-  // launcher then ends the job). The rank comes from the launcher's environment.
+  // launcher then ends the job). The rank comes from the launcher's environment, read here (not
+  // on the watcher thread: MPI_Init may change the environment). A timeout that is not finite or
+  // above a year sets no deadline.
   StartupDeadline(double timeout_s, std::string setting);
   ~StartupDeadline();  // done()
   StartupDeadline(const StartupDeadline&) = delete;
@@ -32,6 +34,7 @@ class StartupDeadline {
 
   double timeout_s_;
   std::string setting_;
+  std::string who_;  // "rank R of W on host H (pid P)"
   std::mutex mutex_;
   std::condition_variable changed_;
   std::string phase_ = "starting";

@@ -1,6 +1,7 @@
 // The `mole` command: parse, run the chosen subcommand, report errors.
 #include <ATen/Parallel.h>
 #include <CLI/CLI.hpp>
+#include <sched.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
@@ -70,12 +71,21 @@ int main(int argc, char** argv) {
   }
   spdlog::set_level(verbose ? spdlog::level::debug : spdlog::level::info);
   try {
-    // OpenMP may start with one thread on some machines: unless told otherwise, the ranks on a
-    // node share its cores (the launcher's node-local rank count; 1 without a launcher).
+    // OpenMP may start with one thread on some machines: unless told otherwise, use the cores
+    // this process may run on. A rank not bound to a subset (the whole machine is allowed)
+    // shares the node's cores with the other ranks there (the launcher's count).
     if (!std::getenv("OMP_NUM_THREADS")) {
-      const int ranks_here = std::max(1, mole::dist::detect_rank_info().local_world);
-      const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-      at::set_num_threads(std::max(1, cores / ranks_here));
+      const int machine = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+      cpu_set_t allowed;
+      const int cores = sched_getaffinity(0, sizeof allowed, &allowed) == 0
+                            ? std::max(1, CPU_COUNT(&allowed))
+                            : machine;
+      int ranks_here = 1;
+      try {
+        ranks_here = std::max(1, mole::dist::detect_rank_info().local_world);
+      } catch (const mole::Error&) {  // a malformed launcher variable: `train` reports it
+      }
+      at::set_num_threads(cores < machine ? cores : std::max(1, cores / ranks_here));
     }
     if (app.got_subcommand("train")) return mole::launch::run_train(train);
     if (app.got_subcommand("forward")) mole::launch::run_forward(forward);

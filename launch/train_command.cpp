@@ -125,6 +125,7 @@ int run_train(const TrainOptions& options) {
                  s.run_dir, trainer->config().model.base.rfind("synthetic:", 0) == 0 ? ", base/" : "");
     return 0;
   } catch (const std::exception& e) {
+    if (deadline) deadline->done();  // the error below is the message, not a start-up timeout
     if (distributed.runtime) {
       // Report, then end every rank: peers may be waiting in a collective this rank left.
       spdlog::error("rank {}: {}", rank, e.what());

@@ -9,6 +9,7 @@
 #                              and write into DIR: hostfile, agent (the rsh agent), on (run a
 #                              command on a host: DIR/on node1 CMD...)
 #   hosts.sh down PREFIX       remove everything `up` made (also after a partial `up`)
+#   hosts.sh down-stale STEM   `down` for every STEM<pid> prefix whose process is gone
 #   hosts.sh cut PREFIX HOST   take HOST's link down (its end on the bridge)
 #   hosts.sh loopback-name PREFIX HOST
 #                              make HOST's own name resolve to 127.0.1.1, as Debian's installer
@@ -18,8 +19,8 @@
 # the machine's own name instead (every host then has the same name). The agent answers a host it
 # does not know as ssh does: "Could not resolve hostname", status 255.
 # `up` exits with 77 when this machine does not allow network namespaces (not root, or namespaces
-# forbidden), and with 1 for any other failure. PREFIX must be at most 9 characters (interface
-# names are limited to 15).
+# forbidden, or what it needs of them), and with 1 for any other failure. PREFIX-nodeN must fit
+# in 15 characters (an interface name).
 set -euo pipefail
 
 die() { echo "hosts.sh: $*" >&2; exit 1; }
@@ -29,17 +30,33 @@ case "$cmd" in
   up)
     [ $# -eq 4 ] || die "usage: hosts.sh up DIR PREFIX N"
     dir=$2 prefix=$3 n=$4
-    [ ${#prefix} -le 9 ] || die "prefix '$prefix' is longer than 9 characters"
+    # Interface names have at most 15 characters: PREFIX-nodeN.
+    [ $((${#prefix} + 5 + ${#n})) -le 15 ] || die "prefix '$prefix' is too long for $n hosts"
     if [ "$(id -u)" -ne 0 ]; then
       echo "hosts.sh: network namespaces need root (running as uid $(id -u))" >&2
       exit 77
     fi
     command -v ip > /dev/null || die "'ip' not found: install iproute2"
     command -v unshare > /dev/null || die "'unshare' not found: install util-linux"
-    if ! err=$(unshare --net --uts true 2>&1); then
-      echo "hosts.sh: this machine forbids network/UTS namespaces: $err" >&2
+    # What this needs of the machine, tried once on a throwaway namespace: a machine (or a
+    # container) that forbids any of it is a skip, with the reason.
+    probe=$prefix-probe
+    if ! err=$( (unshare --net --uts true && ip netns add "$probe" &&
+                 ip link add "$probe" type veth peer name eth0 netns "$probe" &&
+                 ip link add "$prefix-pb" type bridge &&
+                 ip netns exec "$probe" sh -c 'echo 5 > /proc/sys/net/ipv4/tcp_retries2' &&
+                 mkdir -p "/etc/netns/$probe") 2>&1); then
+      ip link del "$probe" 2> /dev/null || true
+      ip link del "$prefix-pb" 2> /dev/null || true
+      ip netns del "$probe" 2> /dev/null || true
+      rmdir "/etc/netns/$probe" 2> /dev/null || true
+      echo "hosts.sh: this machine does not allow network namespaces as hosts: $err" >&2
       exit 77
     fi
+    ip link del "$probe"
+    ip link del "$prefix-pb"
+    ip netns del "$probe"
+    rmdir "/etc/netns/$probe"
     mkdir -p "$dir"
     ip link add "$prefix-br" type bridge
     ip link set "$prefix-br" up
@@ -99,12 +116,21 @@ EOF
       for pid in $(ip netns pids "$ns" 2> /dev/null); do kill -9 "$pid" 2> /dev/null || true; done
       ip link del "$ns" 2> /dev/null || true
       ip netns del "$ns"
-      rm -rf "/etc/netns/$ns"
     done
+    rm -rf "/etc/netns/$prefix-node"*
     # The bridge and the hosts' ends of their links (a namespace that a process still holds lives
     # on after `ip netns del`, and so would the links into it).
     for link in $(ip -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | grep "^$prefix-" || true); do
       ip link del "$link" 2> /dev/null || true
+    done
+    ;;
+  down-stale)
+    # down-stale STEM: `down` for every prefix STEM<pid> whose process is gone (a test that was
+    # killed before its teardown).
+    [ $# -eq 2 ] || die "usage: hosts.sh down-stale STEM"
+    for prefix in $( (ip netns list | awk '{print $1}'; ls /etc/netns 2> /dev/null) |
+                    sed -n "s/^\($2[0-9][0-9]*\)-node[0-9]*\$/\1/p" | sort -u); do
+      [ -d "/proc/${prefix#"$2"}" ] || "$0" down "$prefix"
     done
     ;;
   cut)
@@ -119,6 +145,6 @@ EOF
     mv "$f.new" "$f"
     ;;
   *)
-    die "usage: hosts.sh up|down|cut|loopback-name ..."
+    die "usage: hosts.sh up|down|down-stale|cut|loopback-name ..."
     ;;
 esac

@@ -55,6 +55,18 @@ if [[ -n $(ls -A "$WORK") && ! -f $WORK/.slurm_job_work ]]; then
   trap - EXIT
   die "WORK_DIR '$WORK' is not empty and was not made by this script"
 fi
+if [[ -f $WORK/.slurm_job_work ]]; then
+  # A run killed before its teardown leaves its daemons and jobs behind: they go first (found by
+  # their pid files, their open log files, and SLURM_CONF naming this folder's slurm.conf).
+  for f in "$WORK"/run/munge/munged.pid "$WORK"/slurmctld.pid "$WORK"/slurmd.pid; do
+    if [[ -f $f ]]; then kill -9 "$(< "$f")" 2>/dev/null || true; fi
+  done
+  for pid in $( { find /proc/[0-9]*/fd -maxdepth 1 -lname "$WORK/log/*" 2>/dev/null | cut -d/ -f3
+                  grep -lzxF "SLURM_CONF=$WORK/slurm.conf" /proc/[0-9]*/environ 2>/dev/null |
+                    cut -d/ -f3; } | sort -u | grep -vxF -e "$$" -e "$BASHPID"); do
+    kill -9 "$pid" 2>/dev/null || true
+  done
+fi
 find "$WORK" -mindepth 1 -delete
 touch "$WORK/.slurm_job_work"
 mkdir -p "$WORK"/{state,log,munge-key}
