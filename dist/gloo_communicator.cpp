@@ -31,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "dist/runtime.h"
 #include "kernels/check.h"
 
 namespace mole::dist {
@@ -128,19 +129,6 @@ class GatherStore final : public gloo::rendezvous::Store {
   std::map<std::string, std::vector<char>> entries_;
 };
 
-std::string host_name() {
-  char name[256] = {};
-  MOLE_CHECK(gethostname(name, sizeof(name) - 1) == 0,
-             "gethostname failed: ", std::strerror(errno));
-  return name;
-}
-
-// For messages and checks that every rank must reach alike: never throws.
-std::string host_name_or_unknown() {
-  char name[256] = {};
-  return gethostname(name, sizeof(name) - 1) == 0 ? std::string(name) : std::string("?");
-}
-
 // What the TCP device binds to: GLOO_SOCKET_IFNAME's interface, or this host's name.
 gloo::transport::tcp::attr device_attr() {
   gloo::transport::tcp::attr attr;
@@ -206,7 +194,7 @@ std::shared_ptr<gloo::Context> connect_mesh(int rank, int size, Communicator& ov
     error = e.what();
     // Said at once: the sync below waits for peers that may still be trying to connect.
     std::fprintf(stderr, "mole: %s on host '%s': Gloo rendezvous failed: %s\n", where.c_str(),
-                 host_name_or_unknown().c_str(), error.c_str());
+                 host_name().c_str(), error.c_str());
     std::fflush(stderr);
   }
   // Sync point: nobody returns before every rank has connected. connectFullMesh connects its
@@ -312,7 +300,7 @@ std::unique_ptr<GlooCommunicator> GlooCommunicator::create(Communicator& bootstr
   // the host name, and "host address" as text (kTextWords words), for every rank's message.
   constexpr int64_t kTextWords = 32;
   constexpr int64_t kWords = 3 + kTextWords;
-  const std::string host = host_name_or_unknown();
+  const std::string host = host_name();
   at::Tensor mine = at::zeros({kWords}, at::kLong);
   int64_t* word = mine.data_ptr<int64_t>();
   word[0] = device_error.empty() ? 0 : 1;

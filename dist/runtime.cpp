@@ -2,6 +2,8 @@
 // MPI-owning half of runtime.h lives in mpi_runtime.cpp.
 #include "dist/runtime.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
@@ -151,6 +153,11 @@ const char* to_string(ThreadLevel level) {
       return "MPI_THREAD_MULTIPLE";
   }
   return "unknown thread level";
+}
+
+std::string host_name() {
+  char name[256] = {};
+  return ::gethostname(name, sizeof name - 1) == 0 ? std::string(name) : std::string("?");
 }
 
 }  // namespace mole::dist

@@ -2,6 +2,8 @@
 // environment or from MPI, and MpiRuntime, the RAII owner of MPI_Init_thread / MPI_Finalize.
 #pragma once
 
+#include <string>
+
 namespace mole::dist {
 
 struct RankInfo {
@@ -21,6 +23,9 @@ struct RankInfo {
 // Throws mole::Error naming the variable for a value that is not an integer, is out of range,
 // or lacks its partner (a rank without a size).
 RankInfo detect_rank_info();
+
+// This host's name (gethostname), or "?" if it cannot be read: for start-up lines and messages.
+std::string host_name();
 
 enum class ThreadLevel { kSingle, kFunneled, kSerialized, kMultiple };
 const char* to_string(ThreadLevel level);

@@ -19,11 +19,9 @@ StartupDeadline::StartupDeadline(double timeout_s, std::string setting)
     rank = detect_rank_info();
   } catch (...) {  // reported elsewhere; the message then says rank 0 of 1
   }
-  char host[256] = {};
-  if (::gethostname(host, sizeof host - 1) != 0) std::snprintf(host, sizeof host, "?");
   char who[512];
-  std::snprintf(who, sizeof who, "rank %d of %d on host %s (pid %d)", rank.rank, rank.world, host,
-                static_cast<int>(::getpid()));
+  std::snprintf(who, sizeof who, "rank %d of %d on host %s (pid %d)", rank.rank, rank.world,
+                host_name().c_str(), static_cast<int>(::getpid()));
   who_ = who;
   constexpr double kYear = 365.0 * 24 * 3600;
   if (timeout_s_ > 0 && timeout_s_ <= kYear) watcher_ = std::thread([this] { watch(); });

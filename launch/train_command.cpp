@@ -5,8 +5,6 @@
 #include <ATen/ATen.h>
 #include <spdlog/spdlog.h>
 
-#include <unistd.h>
-
 #include <cmath>
 #include <memory>
 
@@ -75,11 +73,9 @@ void build_grid(DistributedRun& run, const Config& config, dist::StartupDeadline
   const bool uniform = config.adapter.experts_list.empty() && config.adapter.experts_pattern.empty();
   if (moe_method && uniform) dims.check_experts(config.adapter.experts);
   // Every rank says where it runs before only rank 0 speaks (a start-up check on clusters).
-  char host[256] = {};
-  ::gethostname(host, sizeof host - 1);
   const dist::RankInfo local = run.runtime ? run.runtime->rank_info() : dist::detect_rank_info();
   spdlog::info("rank {} of {} on host {} (local rank {} of {}), device {}, {} backend", world->rank(), world->size(),
-               host, local.local_rank, local.local_world, model_device(config).str(), world->backend());
+               dist::host_name(), local.local_rank, local.local_world, model_device(config).str(), world->backend());
   if (world->rank() != 0) spdlog::set_level(spdlog::level::warn);
   spdlog::info("data parallel over {} ranks ({} backend){}", world->size(), world->backend(),
                dims.ep() > 1 ? ", expert parallel over groups of " + std::to_string(dims.ep()) : "");
